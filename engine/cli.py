@@ -1,0 +1,206 @@
+"""The ``kiln`` command. Results go to stdout as JSON lines; logs go to stderr.
+
+Exit status: 0 when every prompt succeeded, 1 when one failed (its error is on stdout as JSON),
+2 for unusable input (bad JSON, bad settings, a missing file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine.errors import ConfigError, KilnError, PromptValidationError
+from engine.settings import EngineSettings, load_settings
+
+log = logging.getLogger("kiln")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds an engine; each maps to a setting."""
+    parser.add_argument("--config", type=Path, help="YAML or TOML settings file (also KILN_CONFIG)")
+    parser.add_argument(
+        "--models-dir", dest="models_dirs", action="append", type=Path, help="model root (repeatable)"
+    )
+    parser.add_argument("--input-dir", type=Path, help="folder LoadImage reads from")
+    parser.add_argument("--output-dir", type=Path, help="folder SaveImage writes to")
+    parser.add_argument("--temp-dir", type=Path, help="folder PreviewImage writes to")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--offline", action="store_true", default=None, help="never download models")
+
+
+def settings_from_args(args: argparse.Namespace) -> EngineSettings:
+    overrides = {name: getattr(args, name, None) for name in EngineSettings.model_fields}
+    return load_settings(args.config, **overrides)
+
+
+def read_documents(paths: Sequence[str], limits: Any) -> Iterator[tuple[str, Any]]:
+    """(source name, JSON document) for each file; ``-`` reads concatenated documents from stdin."""
+    from engine.prompt_json import iter_json_documents
+
+    for path in paths:
+        if path == "-":
+            for index, document in enumerate(iter_json_documents(sys.stdin.read(), limits)):
+                yield f"<stdin>#{index}", document
+            continue
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"Cannot read {path}: {exc.strerror}") from exc
+        for index, document in enumerate(iter_json_documents(text, limits)):
+            yield path if index == 0 else f"{path}#{index}", document
+
+
+def print_json(data: dict[str, Any], stream: TextIO | None = None) -> None:
+    out = stream or sys.stdout
+    out.write(json.dumps(data, default=str) + "\n")
+    out.flush()
+
+
+def error_line(source: str, exc: KilnError, prompt_id: str | None = None) -> dict[str, Any]:
+    line: dict[str, Any] = {"source": source, "status": "error"}
+    if prompt_id:
+        line["prompt_id"] = prompt_id
+    if isinstance(exc, PromptValidationError):
+        line.update(exc.to_dict())
+    else:
+        line["error"] = exc.to_dict()
+    return line
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from engine.prompt_json import unwrap_prompt
+    from engine.runtime import EngineRuntime
+
+    settings = settings_from_args(args)
+    runtime = EngineRuntime(settings)
+    failed = False
+    for source, document in read_documents(args.workflows, settings.validation_limits()):
+        prompt_id = str(uuid.uuid4())
+        try:
+            request = unwrap_prompt(document)
+            prompt_id = request.prompt_id or prompt_id
+            started = time.perf_counter()
+            validated = runtime.validate(request.prompt)
+            validate_s = time.perf_counter() - started
+            log.info("Running %s as %s (%d nodes)", source, prompt_id, len(validated.prompt))
+            result = runtime.execute(
+                request.prompt, prompt_id=prompt_id, extra_data=request.extra_data, validated=validated
+            )
+        except KilnError as exc:
+            log.error("%s failed: %s", source, exc)
+            print_json(error_line(source, exc, prompt_id))
+            failed = True
+            continue
+        print_json(
+            {
+                "source": source,
+                "status": "success",
+                "prompt_id": result.prompt_id,
+                "outputs": [
+                    {
+                        "node_id": saved.node_id,
+                        "index": saved.index,
+                        **saved.ui(),
+                        "path": str(Path(saved.location).resolve()),
+                        "content_type": saved.content_type,
+                        "bytes": saved.bytes,
+                        "sha256": saved.sha256,
+                    }
+                    for saved in result.saved
+                ],
+                "history": result.outputs,
+                "timings": {
+                    "validate_s": round(validate_s, 6),
+                    "execute_s": round(result.seconds, 6),
+                    "nodes_s": {node: round(s, 6) for node, s in result.node_seconds.items()},
+                },
+                "executed_nodes": result.executed,
+                "cached_nodes": result.cached,
+            }
+        )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    from engine.inventory import FolderInventory
+    from engine.prompt_json import unwrap_prompt
+    from engine.registry import default_registry
+    from engine.validation import validate_prompt
+
+    settings = settings_from_args(args)
+    registry = default_registry()
+    inventory = FolderInventory(settings.input_dir, settings.models_dirs)
+    failed = False
+    for source, document in read_documents(args.workflows, settings.validation_limits()):
+        try:
+            validated = validate_prompt(
+                unwrap_prompt(document).prompt, registry, inventory, settings.validation_limits()
+            )
+        except KilnError as exc:
+            print_json(error_line(source, exc))
+            failed = True
+            continue
+        print_json(
+            {
+                "source": source,
+                "status": "valid",
+                "outputs": validated.outputs,
+                "node_errors": validated.node_errors,
+                "cost": validated.cost,
+            }
+        )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Run ComfyUI API-format workflows.")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("KILN_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING, ERROR"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run workflows in-process and print one JSON line per prompt")
+    run.add_argument("workflows", nargs="+", help="API-format workflow files, or - for stdin")
+    add_engine_options(run)
+    run.set_defaults(handler=command_run)
+
+    validate = commands.add_parser("validate", help="validate workflows without running them")
+    validate.add_argument("workflows", nargs="+", help="API-format workflow files, or - for stdin")
+    add_engine_options(validate)
+    validate.set_defaults(handler=command_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except PromptValidationError as exc:
+        # Unparseable input (bad JSON, too deep): nothing could run.
+        print_json({"status": "error", **exc.to_dict()})
+        return EXIT_USAGE
+    except KilnError as exc:
+        print_json({"status": "error", "error": exc.to_dict()})
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model architectures (one per file), checkpoint loading and configuration inference."""

@@ -1,0 +1,12 @@
+"""The node catalogue: declarations only (torch-free). Implementations live in ``engine.ops``."""
+
+from __future__ import annotations
+
+from engine.schema import NodeSpec
+
+
+def builtin_specs() -> list[NodeSpec]:
+    """Every built-in node's spec, in catalogue order."""
+    from engine.nodes.image import IMAGE_NODE_SPECS
+
+    return [*IMAGE_NODE_SPECS]

@@ -1,0 +1,1 @@
+"""Node implementations (torch). Each function takes a NodeContext and the node's inputs."""

@@ -1,0 +1,1 @@
+"""Sampling in the k-diffusion style: noise, schedules, samplers, denoiser wrappers, guidance."""
