@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, get_args, get_origin
 
 from engine.errors import ConfigError, KilnError, PromptValidationError
 from engine.settings import EngineSettings, load_settings
@@ -28,17 +28,29 @@ EXIT_USAGE = 2
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that builds an engine; each maps to a setting."""
+    """One flag per engine setting (``max_nodes`` -> ``--max-nodes``), plus ``--config``."""
     parser.add_argument("--config", type=Path, help="YAML or TOML settings file (also KILN_CONFIG)")
-    parser.add_argument(
-        "--models-dir", dest="models_dirs", action="append", type=Path, help="model root (repeatable)"
-    )
-    parser.add_argument("--input-dir", type=Path, help="folder LoadImage reads from")
-    parser.add_argument("--output-dir", type=Path, help="folder SaveImage writes to")
-    parser.add_argument("--temp-dir", type=Path, help="folder PreviewImage writes to")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
-    parser.add_argument("--offline", action="store_true", default=None, help="never download models")
+    for name, field in EngineSettings.model_fields.items():
+        help_text = f"{field.description or name} (env KILN_{name.upper()})"
+        if name == "models_dirs":
+            parser.add_argument(
+                "--models-dir", dest=name, action="append", type=Path, help=f"{help_text}; repeatable"
+            )
+        elif field.annotation is bool:
+            parser.add_argument(
+                flag_name(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        elif get_origin(field.annotation) is Literal:
+            parser.add_argument(
+                flag_name(name), dest=name, choices=get_args(field.annotation), help=help_text
+            )
+        else:
+            value_type = field.annotation if field.annotation in (int, float, Path) else str
+            parser.add_argument(flag_name(name), dest=name, type=value_type, help=help_text)
+
+
+def flag_name(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
 
 
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
@@ -187,9 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=log_format)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.events import PREVIEW, PROGRESS, EventSink
-from engine.imageio import DecodeLimits
 from engine.interrupt import InterruptFlag
 from engine.io import InputResolver, OutputRequest, OutputSink, SavedOutput
+from engine.limits import DecodeLimits
 
 
 @dataclass
@@ -50,10 +50,10 @@ class NodeContext:
 
     def progress(self, value: int, maximum: int) -> None:
         """Report step ``value`` of ``maximum``; also the point where interruption is honoured."""
+        self.interrupt.check()
         self.events.emit(
             PROGRESS, {"value": value, "max": maximum, "prompt_id": self.prompt_id, "node": self.node_id}
         )
-        self.interrupt.check()
 
     def preview(self, image_bytes: bytes, image_format: str = "JPEG") -> None:
         self.events.emit(

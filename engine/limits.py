@@ -18,3 +18,12 @@ class ValidationLimits:
     max_cost: int = 4096 * 4096 * 16 * 100
     # Assumed size of an image whose size cannot be known before it runs (a loaded image).
     unknown_image_pixels: int = 2048 * 2048
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Caps on an input image before and while it is decoded."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 8192 * 8192
+    max_frames: int = 64

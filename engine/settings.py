@@ -18,8 +18,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.errors import ConfigError
-from engine.imageio import DecodeLimits
-from engine.limits import ValidationLimits
+from engine.limits import DecodeLimits, ValidationLimits
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -43,11 +42,13 @@ class EngineSettings(BaseSettings):
     cache_entries: int = Field(128, ge=0, description="Node outputs kept across prompts (LRU).")
     preview_interval: int = Field(0, ge=0, description="Latent preview every N steps; 0 disables.")
     offline: bool = Field(False, description="Never download models (also honours HF_HUB_OFFLINE).")
-    max_nodes: int = Field(ValidationLimits.max_nodes, ge=1)
-    max_string_length: int = Field(ValidationLimits.max_string_length, ge=1)
+    max_nodes: int = Field(ValidationLimits.max_nodes, ge=1, description="Most nodes in one prompt.")
+    max_string_length: int = Field(
+        ValidationLimits.max_string_length, ge=1, description="Longest string input (characters)."
+    )
     max_cost: int = Field(ValidationLimits.max_cost, ge=1, description="Pixels x batch x steps per prompt.")
-    max_body_bytes: int = Field(ValidationLimits.max_body_bytes, ge=1)
-    max_json_depth: int = Field(ValidationLimits.max_json_depth, ge=2)
+    max_body_bytes: int = Field(ValidationLimits.max_body_bytes, ge=1, description="Largest prompt JSON.")
+    max_json_depth: int = Field(ValidationLimits.max_json_depth, ge=2, description="Deepest JSON nesting.")
     max_image_bytes: int = Field(DecodeLimits.max_bytes, ge=1, description="Largest input image file.")
     max_image_pixels: int = Field(DecodeLimits.max_pixels, ge=1, description="Largest input image (w x h).")
 

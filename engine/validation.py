@@ -198,7 +198,7 @@ class _PromptChecker:
                     )
                 continue
             value = inputs[name]
-            if isinstance(value, Mapping) and "__value__" in value:
+            if isinstance(value, dict) and "__value__" in value:
                 value = value["__value__"]
             if isinstance(value, list):
                 error, upstream = self._check_link(input_spec, value)
@@ -222,13 +222,12 @@ class _PromptChecker:
         self, spec: InputSpec, value: list[Any]
     ) -> tuple[dict[str, Any] | None, tuple[str, int] | None]:
         name = spec.name
-        config = _input_config(spec)
         if len(value) != 2:
             return _node_error(
                 "bad_linked_input",
                 "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                 name,
-                input_config=config,
+                input_config=_input_config(spec),
                 received_value=_clip(value),
                 input_name=name,
             ), None
@@ -240,7 +239,7 @@ class _PromptChecker:
                 "bad_linked_input",
                 "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                 name,
-                input_config=config,
+                input_config=_input_config(spec),
                 received_value=_clip(value),
                 input_name=name,
             ), None
@@ -250,7 +249,7 @@ class _PromptChecker:
                 "bad_linked_input",
                 f"Linked node '{upstream_id[:128]}' does not exist in the prompt",
                 name,
-                input_config=config,
+                input_config=_input_config(spec),
                 received_value=_clip(value),
                 input_name=name,
             ), None
@@ -259,7 +258,7 @@ class _PromptChecker:
                 "bad_linked_input",
                 f"Linked node '{upstream_id}' ({upstream_spec.class_type}) has no output slot {slot}",
                 name,
-                input_config=config,
+                input_config=_input_config(spec),
                 received_value=_clip(value),
                 input_name=name,
             ), None
@@ -270,7 +269,7 @@ class _PromptChecker:
                 "return_type_mismatch",
                 "Return type mismatch between linked nodes",
                 f"{name}, received_type({received}) mismatch input_type({expected})",
-                input_config=config,
+                input_config=_input_config(spec),
                 received_type=received,
                 linked_node=[upstream_id, slot],
                 input_name=name,
@@ -279,13 +278,12 @@ class _PromptChecker:
 
     def _check_constant(self, spec: InputSpec, value: Any) -> tuple[dict[str, Any] | None, Any]:
         name = spec.name
-        config = _input_config(spec)
         if not spec.is_widget:
             return _node_error(
                 "invalid_input_type",
                 f"Input of type {spec.type} must be linked to another node's output",
                 f"{name}, {_clip(value)!s}",
-                input_config=config,
+                input_config=_input_config(spec),
                 received_value=_clip(value),
                 input_name=name,
             ), None
@@ -298,7 +296,7 @@ class _PromptChecker:
                 "invalid_input_type",
                 f"Failed to convert an input value to a {spec.type} value",
                 f"{name}, {_clip(value)!s}, {exc}",
-                input_config=config,
+                input_config=_input_config(spec),
                 received_value=_clip(value),
                 exception_message=str(exc),
                 input_name=name,
@@ -313,7 +311,7 @@ class _PromptChecker:
                     "value_smaller_than_min",
                     f"Value {converted} smaller than min of {spec.min}",
                     name,
-                    input_config=config,
+                    input_config=_input_config(spec),
                     received_value=converted,
                     input_name=name,
                 ), None
@@ -322,7 +320,7 @@ class _PromptChecker:
                     "value_bigger_than_max",
                     f"Value {converted} bigger than max of {spec.max}",
                     name,
-                    input_config=config,
+                    input_config=_input_config(spec),
                     received_value=converted,
                     input_name=name,
                 ), None
