@@ -291,3 +291,34 @@ def test_extra_pnginfo_is_written(executor):
     result, _ = run(executor, prompt, extra_data={"extra_pnginfo": {"workflow": {"nodes": [1]}}})
     with Image.open(result.saved[0].location) as image:
         assert json.loads(image.text["workflow"]) == {"nodes": [1]}
+
+
+def test_loaded_image_cache_follows_file_content(tmp_path, test_registry):
+    import os
+
+    from engine.inventory import StaticInventory
+
+    (tmp_path / "input").mkdir()
+    picture = tmp_path / "input" / "pic.png"
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(picture)
+    services = Services(
+        outputs=LocalFolderSink(tmp_path / "output", tmp_path / "temp"),
+        inputs=LocalInputResolver(tmp_path / "input"),
+    )
+    executor = Executor(test_registry, services, OutputCache(16))
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "pic.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "copy"}},
+    }
+    validated = validate_prompt(prompt, test_registry, StaticInventory({"input_images": ["pic.png"]}))
+    executor.execute(validated)
+    sink = ListSink()
+    executor.execute(validated, events=sink)
+    assert executed_nodes(sink) == ["2"]
+
+    Image.new("RGB", (4, 4), (200, 100, 50)).save(picture)
+    os.utime(picture, ns=(1, 10**18))  # make sure the modification is visible even on coarse clocks
+    sink = ListSink()
+    result = executor.execute(validated, events=sink)
+    assert executed_nodes(sink) == ["1", "2"]
+    assert np.array(Image.open(result.saved[0].location))[0, 0].tolist() == [200, 100, 50]
