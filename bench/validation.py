@@ -55,7 +55,8 @@ def measure(nodes: int, repeats: int = 200) -> tuple[float, float]:
 
 
 def main() -> None:
-    print(f"# validation latency ({platform.processor() or platform.machine()}, Python {platform.python_version()})")
+    machine = platform.processor() or platform.machine()
+    print(f"# validation latency ({machine}, Python {platform.python_version()})")
     print(f"{'nodes':>6} {'median ms':>10} {'p95 ms':>8} {'target':>8}")
     for nodes in (10, 50, 200, 1000):
         median, p95 = measure(nodes)

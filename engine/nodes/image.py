@@ -7,9 +7,11 @@ from typing import Any
 
 from engine.schema import (
     IMAGE,
+    INT,
     MASK,
     MAX_RESOLUTION,
     ChoiceSource,
+    InputSpec,
     NodeSpec,
     OutputSpec,
     Shape,
@@ -24,6 +26,9 @@ from engine.schema import (
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 CROP_METHODS = ("disabled", "center")
 INPUT_IMAGES = ChoiceSource("input_images")
+# ComfyUI defines ImageCrop and the mask nodes outside nodes.py; object_info names their modules.
+EXTRAS_IMAGES = "comfy_extras.nodes_images"
+EXTRAS_MASK = "comfy_extras.nodes_mask"
 
 Inputs = Mapping[str, Any]
 Shapes = Mapping[str, "Shape | None"]
@@ -74,7 +79,8 @@ IMAGE_NODE_SPECS = (
         required=(
             int_input("width", 512, 1, MAX_RESOLUTION),
             int_input("height", 512, 1, MAX_RESOLUTION),
-            int_input("batch_size", 1, 1, 4096),
+            # ComfyUI declares no step here, so object_info shows none.
+            InputSpec("batch_size", INT, default=1, min=1, max=4096),
             int_input("color", 0, 0, 0xFFFFFF, options={"display": "color"}),
         ),
         outputs=(OutputSpec(IMAGE),),
@@ -191,6 +197,7 @@ IMAGE_NODE_SPECS = (
         outputs=(OutputSpec(IMAGE),),
         display_name="Image Crop",
         shape=_scaled,
+        python_module=EXTRAS_IMAGES,
     ),
     NodeSpec(
         "ImagePadForOutpaint",
@@ -222,6 +229,7 @@ IMAGE_NODE_SPECS = (
         optional=(link("mask", MASK),),
         outputs=(OutputSpec(IMAGE),),
         shape=_same_as("destination"),
+        python_module=EXTRAS_MASK,
     ),
     NodeSpec(
         "SolidMask",
@@ -233,6 +241,7 @@ IMAGE_NODE_SPECS = (
             int_input("height", 512, 1, MAX_RESOLUTION),
         ),
         outputs=(OutputSpec(MASK),),
+        python_module=EXTRAS_MASK,
     ),
     NodeSpec(
         "InvertMask",
@@ -240,6 +249,7 @@ IMAGE_NODE_SPECS = (
         impl="engine.ops.mask:invert_mask",
         required=(link("mask", MASK),),
         outputs=(OutputSpec(MASK),),
+        python_module=EXTRAS_MASK,
     ),
     NodeSpec(
         "MaskToImage",
@@ -248,6 +258,7 @@ IMAGE_NODE_SPECS = (
         required=(link("mask", MASK),),
         outputs=(OutputSpec(IMAGE),),
         display_name="Convert Mask to Image",
+        python_module=EXTRAS_MASK,
     ),
     NodeSpec(
         "ImageToMask",
@@ -256,5 +267,6 @@ IMAGE_NODE_SPECS = (
         required=(link("image", IMAGE), combo("channel", ("red", "green", "blue", "alpha"))),
         outputs=(OutputSpec(MASK),),
         display_name="Convert Image to Mask",
+        python_module=EXTRAS_MASK,
     ),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from engine.context import NodeContext
 from engine.ops.resample import composite, upscale
@@ -45,6 +46,11 @@ def image_invert(ctx: NodeContext, image: torch.Tensor) -> tuple[torch.Tensor]:
 
 
 def image_batch(ctx: NodeContext, image1: torch.Tensor, image2: torch.Tensor) -> tuple[torch.Tensor]:
+    # An RGB image batched with an RGBA one gets an opaque alpha channel (ComfyUI pads with 1.0).
+    if image1.shape[-1] < image2.shape[-1]:
+        image1 = F.pad(image1, (0, 1), value=1.0)
+    elif image1.shape[-1] > image2.shape[-1]:
+        image2 = F.pad(image2, (0, 1), value=1.0)
     if image1.shape[1:] != image2.shape[1:]:
         image2 = scale_image(image2, image1.shape[2], image1.shape[1], "bilinear", "center")
     return (torch.cat((image1, image2), dim=0),)
@@ -69,9 +75,10 @@ def image_pad_for_outpaint(
     mask = torch.ones((height + top + bottom, width + left + right), dtype=torch.float32)
     inner = torch.zeros((height, width), dtype=torch.float32)
     if feathering > 0 and feathering * 2 < height and feathering * 2 < width:
-        # Distance of each pixel to the nearest padded edge; unpadded sides never count.
-        rows = torch.arange(height, dtype=torch.float32).unsqueeze(1)
-        cols = torch.arange(width, dtype=torch.float32).unsqueeze(0)
+        # Distance of each pixel to the nearest padded edge; unpadded sides never count. Computed
+        # in float64 and rounded once to float32, as ComfyUI's per-pixel Python arithmetic is.
+        rows = torch.arange(height, dtype=torch.float64).unsqueeze(1)
+        cols = torch.arange(width, dtype=torch.float64).unsqueeze(0)
         far_rows = torch.full_like(rows, float(height))
         far_cols = torch.full_like(cols, float(width))
         distance = torch.minimum(
@@ -79,9 +86,19 @@ def image_pad_for_outpaint(
             torch.minimum(cols if left else far_cols, (width - cols) if right else far_cols),
         )
         ramp = (feathering - distance) / feathering
-        inner = torch.where(distance < feathering, ramp * ramp, inner)
+        inner = torch.where(distance < feathering, ramp * ramp, 0.0).to(torch.float32)
     mask[top : top + height, left : left + width] = inner
     return padded, mask.unsqueeze(0)
+
+
+def match_channels(destination: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's alpha fix for [..., C] images: drop the source's extra channels, or give an RGB
+    source an opaque alpha channel when the destination has one."""
+    if destination.shape[-1] < source.shape[-1]:
+        source = source[..., : destination.shape[-1]]
+    elif destination.shape[-1] > source.shape[-1]:
+        source = F.pad(source, (0, 1), value=1.0)
+    return destination, source
 
 
 def image_composite_masked(
@@ -93,5 +110,6 @@ def image_composite_masked(
     resize_source: bool,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor]:
+    destination, source = match_channels(destination, source)
     result = composite(destination.movedim(-1, 1), source.movedim(-1, 1), x, y, mask, 1, resize_source)
     return (result.movedim(1, -1),)

@@ -37,15 +37,24 @@ def _pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image).astype(np.float32) / 255.0)
 
 
+def _rgb(frame: Image.Image) -> Image.Image:
+    # Pillow warns when a palette with per-entry alpha goes straight to RGB; through RGBA the
+    # colours are the same and nothing is lost.
+    if frame.mode == "P" and "transparency" in frame.info:
+        return frame.convert("RGBA").convert("RGB")
+    return frame.convert("RGB")
+
+
 def load_image(ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE [B,H,W,3] and MASK [B,H,W] (1 where the image is transparent) from an input file."""
-    opened = open_image(ctx.services.inputs.read(image), ctx.services.decode_limits)
+    limits = ctx.services.decode_limits
+    opened = open_image(ctx.services.inputs.read(image), limits)
     images: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
     size: tuple[int, int] | None = None
-    for frame in iter_frames(opened):
+    for frame in iter_frames(opened, limits):
         frame = _to_float(frame)
-        rgb = frame.convert("RGB")
+        rgb = _rgb(frame)
         if size is None:
             size = rgb.size
         if rgb.size != size:
@@ -66,8 +75,9 @@ def load_image(ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def load_image_mask(ctx: NodeContext, image: str, channel: str) -> tuple[torch.Tensor]:
-    opened = open_image(ctx.services.inputs.read(image), ctx.services.decode_limits)
-    frame = next(iter_frames(opened))
+    limits = ctx.services.decode_limits
+    opened = open_image(ctx.services.inputs.read(image), limits)
+    frame = next(iter_frames(opened, limits))
     if frame.getbands() != ("R", "G", "B", "A"):
         frame = _to_float(frame).convert("RGBA")
     band = channel[0].upper()
@@ -118,13 +128,15 @@ def write_images(
     if isinstance(extra_pnginfo, dict):
         text.update(extra_pnginfo)
     prefix = expand_prefix(filename_prefix, images.shape[2], images.shape[1])
+    # %batch_num% names the file, not the folder: ComfyUI substitutes it in the last component only.
+    folder, slash, name = prefix.replace("\\", "/").rpartition("/")
     results = []
     for index, image in enumerate(images):
         data = png_bytes(to_uint8(image), text, compress_level)
         request = OutputRequest(
             node_id=ctx.node_id,
             index=index,
-            filename_prefix=prefix.replace("%batch_num%", str(index)),
+            filename_prefix=folder + slash + name.replace("%batch_num%", str(index)),
             kind=kind,
         )
         results.append(ctx.save_output(request, data).ui())
