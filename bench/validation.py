@@ -1,6 +1,6 @@
 """Validation latency of large prompts (target: a 200-node prompt in under 5 ms).
 
-    .venv/bin/python bench/validation.py
+.venv/bin/python bench/validation.py
 """
 
 from __future__ import annotations
