@@ -153,7 +153,7 @@ def command_validate(args: argparse.Namespace) -> int:
     from engine.validation import validate_prompt
 
     settings = settings_from_args(args)
-    registry = default_registry()
+    registry = default_registry(settings.node_modules)
     inventory = FolderInventory(settings.input_dir, settings.models_dirs)
     failed = False
     for source, document in read_documents(args.workflows, settings.validation_limits()):

@@ -101,8 +101,20 @@ def render_node_info(spec: NodeSpec, inventory: Inventory) -> dict[str, Any]:
     return info
 
 
-def default_registry() -> NodeRegistry:
-    """A new registry with every built-in node."""
+def default_registry(node_modules: Iterable[str] = ()) -> NodeRegistry:
+    """A new registry with every built-in node, plus the nodes of each module in ``node_modules``.
+
+    A node module (Kiln's custom nodes) exposes ``NODE_SPECS``: a sequence of NodeSpec. It is
+    imported here, so it must stay torch-free; its implementations are imported when they run.
+    """
     from engine.nodes import builtin_specs
 
-    return NodeRegistry(builtin_specs())
+    registry = NodeRegistry(builtin_specs())
+    for module_name in node_modules:
+        module = importlib.import_module(module_name)
+        specs = getattr(module, "NODE_SPECS", None)
+        if specs is None:
+            raise ValueError(f"Node module {module_name!r} has no NODE_SPECS")
+        for spec in specs:
+            registry.register(spec)
+    return registry

@@ -45,7 +45,7 @@ class EngineRuntime:
         inventory: Inventory | None = None,
     ) -> None:
         self.settings = settings
-        self.registry = registry or default_registry()
+        self.registry = registry or default_registry(settings.node_modules)
         self.inventory = inventory or FolderInventory(settings.input_dir, settings.models_dirs)
         services = Services(
             outputs=outputs or LocalFolderSink(settings.output_dir, settings.temp_dir),

@@ -33,6 +33,10 @@ class EngineSettings(BaseSettings):
         description="Model roots, each holding ComfyUI's folders (checkpoints, loras, vae, ...). "
         "Environment: a JSON list or os.pathsep-separated paths.",
     )
+    node_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra node modules (import paths exposing NODE_SPECS). Environment: comma-separated.",
+    )
     input_dir: Path = Field(Path("input"), description="Folder LoadImage reads from.")
     output_dir: Path = Field(Path("output"), description="Folder SaveImage writes to.")
     temp_dir: Path = Field(Path("temp"), description="Folder PreviewImage writes to.")
@@ -60,6 +64,13 @@ class EngineSettings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part for part in text.split(os.pathsep) if part]
+        return value
+
+    @field_validator("node_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     def validation_limits(self) -> ValidationLimits:

@@ -1,0 +1,1 @@
+"""Celery workers, the engine host subprocess, routing, job store and storage."""

@@ -1,0 +1,144 @@
+"""Lua scripts that make each job state change one atomic Redis operation.
+
+State changes are one-way: queued -> running -> succeeded | failed | cancelled. A finished job is
+never changed again, whatever message arrives late or twice.
+"""
+
+from __future__ import annotations
+
+# KEYS: job, pending, tenant_jobs, tenant_active, sequence, idempotency ("" when none), queue list
+# ARGV: job id, tenant queue cap, idempotency ttl, priority score base, created_at, task message,
+#       then field/value pairs of the job hash
+# Returns {job_id, number, created(1|0)} or {"", -1, 0} when the tenant is over its cap.
+CREATE_JOB = """
+local idem = KEYS[6]
+if idem ~= "" then
+  local existing = redis.call("GET", idem)
+  if existing then return {existing, 0, 0} end
+end
+local cap = tonumber(ARGV[2])
+if cap > 0 and redis.call("SCARD", KEYS[4]) >= cap then
+  return {"", -1, 0}
+end
+local number = redis.call("INCR", KEYS[5])
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call("HSET", KEYS[1], "number", number, unpack(fields))
+redis.call("ZADD", KEYS[2], tonumber(ARGV[4]) * 1e12 + number, ARGV[1])
+redis.call("ZADD", KEYS[3], tonumber(ARGV[5]), ARGV[1])
+redis.call("SADD", KEYS[4], ARGV[1])
+if idem ~= "" then
+  redis.call("SET", idem, ARGV[1], "EX", tonumber(ARGV[3]))
+end
+redis.call("LPUSH", KEYS[7], ARGV[6])
+return {ARGV[1], number, 1}
+"""
+
+# KEYS: job, pending, running
+# ARGV: worker id, started_at
+# Returns the status before the call; "missing" when there is no such job. Queued and running
+# (a redelivery after a lost worker) jobs are claimed; finished ones are left alone.
+CLAIM_JOB = """
+local status = redis.call("HGET", KEYS[1], "status")
+if not status then return "missing" end
+if status == "queued" or status == "running" then
+  if redis.call("HGET", KEYS[1], "cancel_requested") == "true" then return "cancel" end
+  redis.call("HSET", KEYS[1], "status", "running", "worker", ARGV[1], "started_at", ARGV[2])
+  redis.call("HINCRBY", KEYS[1], "attempts", 1)
+  redis.call("ZREM", KEYS[2], redis.call("HGET", KEYS[1], "id"))
+  redis.call("SADD", KEYS[3], redis.call("HGET", KEYS[1], "id"))
+end
+return status
+"""
+
+# KEYS: job, pending, running, tenant_active
+# ARGV: final status, finished_at, history ttl seconds, then field/value pairs
+# Returns 1 when the job was finished by this call, 0 when it had already finished.
+FINISH_JOB = """
+local status = redis.call("HGET", KEYS[1], "status")
+if not status or status == "succeeded" or status == "failed" or status == "cancelled" then
+  return 0
+end
+local id = redis.call("HGET", KEYS[1], "id")
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call("HSET", KEYS[1], "status", ARGV[1], "finished_at", ARGV[2], unpack(fields))
+redis.call("ZREM", KEYS[2], id)
+redis.call("SREM", KEYS[3], id)
+redis.call("SREM", KEYS[4], id)
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then redis.call("EXPIRE", KEYS[1], ttl) end
+return 1
+"""
+
+# KEYS: job, pending, running
+# ARGV: priority score base
+# Puts a running job back in the queue (soft shutdown); returns 1 when it did.
+REQUEUE_JOB = """
+if redis.call("HGET", KEYS[1], "status") ~= "running" then return 0 end
+local id = redis.call("HGET", KEYS[1], "id")
+local number = tonumber(redis.call("HGET", KEYS[1], "number"))
+redis.call("HSET", KEYS[1], "status", "queued")
+redis.call("HDEL", KEYS[1], "worker", "started_at", "progress")
+redis.call("SREM", KEYS[3], id)
+redis.call("ZADD", KEYS[2], tonumber(ARGV[1]) * 1e12 + number, id)
+return 1
+"""
+
+# KEYS: job, pending, running, tenant_active
+# ARGV: finished_at, history ttl seconds, error JSON
+# Returns "cancelled" (it was queued), "cancelling" (running: the worker is told), or the final status.
+CANCEL_JOB = """
+local status = redis.call("HGET", KEYS[1], "status")
+if not status then return "missing" end
+local id = redis.call("HGET", KEYS[1], "id")
+if status == "queued" then
+  redis.call("HSET", KEYS[1], "status", "cancelled", "finished_at", ARGV[1], "error", ARGV[3],
+             "cancel_requested", "true")
+  redis.call("ZREM", KEYS[2], id)
+  redis.call("SREM", KEYS[4], id)
+  local ttl = tonumber(ARGV[2])
+  if ttl > 0 then redis.call("EXPIRE", KEYS[1], ttl) end
+  return "cancelled"
+end
+if status == "running" then
+  redis.call("HSET", KEYS[1], "cancel_requested", "true")
+  return "cancelling"
+end
+return status
+"""
+
+# KEYS: job   ARGV: progress JSON. Only a running job's progress is updated.
+SET_PROGRESS = """
+if redis.call("HGET", KEYS[1], "status") ~= "running" then return 0 end
+redis.call("HSET", KEYS[1], "progress", ARGV[1])
+return 1
+"""
+
+# KEYS: rate key   ARGV: capacity, refill per second, now (seconds, float)
+# Token bucket; returns {allowed (1|0), seconds until a token is available (string)}.
+TAKE_TOKEN = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local bucket = redis.call("HMGET", KEYS[1], "tokens", "at")
+local tokens = tonumber(bucket[1]) or capacity
+local at = tonumber(bucket[2]) or now
+tokens = math.min(capacity, tokens + (now - at) * rate)
+local allowed = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call("HSET", KEYS[1], "tokens", tostring(tokens), "at", tostring(now))
+redis.call("EXPIRE", KEYS[1], math.ceil(capacity / rate) + 1)
+return {allowed, tostring(wait)}
+"""
+
+
+def priority_base(priority: int) -> int:
+    """Sorted-set score base: more urgent priorities sort first; the sequence number breaks ties."""
+    return 9 - priority
