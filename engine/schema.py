@@ -177,8 +177,7 @@ class NodeSpec:
 def combo(name: str, choices: Sequence[Any] | ChoiceSource, **kwargs: Any) -> InputSpec:
     """A combo input: a value that must be one of ``choices``."""
     fixed = choices if isinstance(choices, ChoiceSource) else tuple(choices)
-    if "default" not in kwargs and isinstance(fixed, tuple) and fixed:
-        kwargs["default"] = fixed[0]
+    # Like ComfyUI, a combo declares no default unless asked: clients take the first choice.
     return InputSpec(name=name, type=COMBO, choices=fixed, **kwargs)
 
 

@@ -47,6 +47,7 @@ class JobStore:
         outputs: list[OutputRecord] | None = None,
         history: dict[str, Any] | None = None,
         error: JobError | None = None,
+        messages: list[Any] | None = None,
     ) -> bool:
         """Record the final state; False when the job had already finished (nothing changes)."""
         fields: list[str] = []
@@ -56,6 +57,8 @@ class JobStore:
             fields += ["history", json.dumps(history)]
         if error is not None:
             fields += ["error", error.model_dump_json()]
+        if messages is not None:
+            fields += ["messages", json.dumps(messages, default=str)]
         done = self._finish(
             keys=[Keys.job(job.id), Keys.pending(), Keys.running(), Keys.tenant_active(job.tenant)],
             args=[status.value, time.time(), self.history_ttl, *fields],

@@ -98,6 +98,16 @@ class Keys:
         return f"{PREFIX}:workers"
 
     @staticmethod
+    def inventory(folder: str) -> str:
+        """Set of model file names available to the workers in a ComfyUI model folder."""
+        return f"{PREFIX}:inventory:{folder}"
+
+    @staticmethod
+    def inventory_folders() -> str:
+        """Set of model folder names that have an inventory set."""
+        return f"{PREFIX}:inventory-folders"
+
+    @staticmethod
     def webhooks() -> str:
         """List of webhook deliveries waiting to be sent."""
         return f"{PREFIX}:webhooks"
@@ -174,7 +184,9 @@ class JobRecord(BaseModel):
     attempts: int = 0
     progress: Progress | None = None
     outputs: list[OutputRecord] = Field(default_factory=list)
+    # ComfyUI's history "outputs" ({node_id: {"images": [...]}}) and status "messages".
     history: dict[str, Any] = Field(default_factory=dict)
+    messages: list[Any] = Field(default_factory=list)
     error: JobError | None = None
     cancel_requested: bool = False
     models: list[str] = Field(default_factory=list)

@@ -1,0 +1,84 @@
+"""What the gateway holds for its lifetime: Redis, storage, the node catalogue, metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from api.jobs import GatewayJobs
+from api.settings import GatewaySettings
+from engine.inventory import FolderInventory, StaticInventory
+from engine.registry import NodeRegistry
+from engine.settings import EngineSettings
+from worker.protocol import Keys
+from worker.storage import Storage
+
+
+@dataclass
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of its own (no global state)."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.submitted = Counter(
+            "kiln_jobs_submitted_total", "Jobs accepted by the gateway", ["tenant"], registry=self.registry
+        )
+        self.rejected = Counter(
+            "kiln_requests_rejected_total", "Requests refused, by reason", ["reason"], registry=self.registry
+        )
+        self.request_seconds = Histogram(
+            "kiln_http_request_seconds",
+            "Gateway request latency",
+            ["route", "method"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    engine_settings: EngineSettings
+    redis: aioredis.Redis
+    jobs: GatewayJobs
+    storage: Storage
+    registry: NodeRegistry
+    metrics: Metrics
+    api_keys: dict[str, str]
+    _models: dict[str, list[str]] = field(default_factory=dict)
+    _models_at: float = 0.0
+
+    async def model_choices(self) -> dict[str, list[str]]:
+        """``models:<folder>`` -> names, from the workers' inventories and local model folders."""
+        now = time.monotonic()
+        if self._models and now - self._models_at < self.settings.inventory_cache_s:
+            return self._models
+        folders = {f.decode() for f in await self.redis.smembers(Keys.inventory_folders())}
+        local = FolderInventory(self.engine_settings.input_dir, self.engine_settings.models_dirs)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            ordered = sorted(folders)
+            for folder in ordered:
+                pipe.smembers(Keys.inventory(folder))
+            rows = await pipe.execute()
+        choices: dict[str, list[str]] = {}
+        for folder, names in zip(ordered, rows, strict=True):
+            choices[f"models:{folder}"] = sorted({n.decode() for n in names})
+        for root in self.engine_settings.models_dirs:
+            if root.is_dir():
+                for folder_path in root.iterdir():
+                    kind = f"models:{folder_path.name}"
+                    merged = set(choices.get(kind, [])) | set(local.list_choices(kind))
+                    choices[kind] = sorted(merged)
+        self._models, self._models_at = choices, now
+        return choices
+
+    async def inventory_for(self, tenant: str) -> StaticInventory:
+        """What a tenant's prompts may name: every model, and the tenant's own uploads."""
+        choices = dict(await self.model_choices())
+        uploads = await self.redis.smembers(Keys.uploads(tenant))
+        choices["input_images"] = sorted(u.decode() for u in uploads)
+        return StaticInventory(choices)

@@ -1,0 +1,99 @@
+"""Accepting a job: rate limit, validation, then one atomic write that records and queues it.
+
+Nothing touches Redis's job keys before validation passes, so bad input leaves no trace.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from api.errors import PayloadTooLarge, RateLimited
+from api.jobs import Created, new_job_id
+from api.state import GatewayState
+from engine.errors import PromptValidationError
+from engine.prompt_json import parse_json
+from engine.validation import ValidatedPrompt, prompt_error, validate_prompt
+from worker.celery_wire import DEFAULT_PRIORITY, MAX_PRIORITY
+from worker.protocol import JobRecord, JobStatus
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class Submission:
+    prompt: Any
+    extra_data: dict[str, Any] = field(default_factory=dict)
+    client_id: str | None = None
+    job_id: str | None = None
+    priority: int = DEFAULT_PRIORITY
+    webhook: str | None = None
+    idempotency_key: str | None = None
+
+
+def invalid(message: str, details: str = "") -> PromptValidationError:
+    return PromptValidationError(prompt_error("invalid_prompt", message, details))
+
+
+async def read_json_body(request: Request, state: GatewayState) -> Any:
+    """The request body as JSON, with Kiln's size, depth and NaN rules."""
+    limits = state.engine_settings.validation_limits()
+    body = await request.body()
+    if len(body) > limits.max_body_bytes:
+        raise PayloadTooLarge(f"Body is larger than {limits.max_body_bytes} bytes")
+    return parse_json(body, limits)
+
+
+def models_needed(validated: ValidatedPrompt) -> list[str]:
+    """Model files a prompt loads (``folder/name``), from its loader nodes' model combos."""
+    needed = []
+    for node in validated.prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, str) and name.endswith(("ckpt_name", "vae_name", "lora_name", "unet_name")):
+                needed.append(value)
+    return sorted(set(needed))
+
+
+async def submit(state: GatewayState, tenant: str, submission: Submission) -> Created:
+    """Validate and enqueue; raises PromptValidationError (400) or RateLimited (429)."""
+    if submission.job_id is not None and not _JOB_ID.match(submission.job_id):
+        raise invalid("prompt_id must be 1-64 letters, digits, '-' or '_'")
+    if not 0 <= submission.priority <= MAX_PRIORITY:
+        raise invalid(f"priority must be between 0 and {MAX_PRIORITY}")
+    wait = await state.jobs.take_token(
+        tenant, state.settings.rate_limit_per_s, state.settings.rate_limit_burst
+    )
+    if wait > 0:
+        state.metrics.rejected.labels("rate_limited").inc()
+        raise RateLimited("Too many submissions", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    inventory = await state.inventory_for(tenant)
+    try:
+        validated = validate_prompt(
+            submission.prompt, state.registry, inventory, state.engine_settings.validation_limits()
+        )
+    except PromptValidationError:
+        state.metrics.rejected.labels("invalid_prompt").inc()
+        raise
+    if submission.job_id is not None and await state.jobs.get(submission.job_id) is not None:
+        raise invalid(f"prompt_id {submission.job_id} is already used")
+    record = JobRecord(
+        id=submission.job_id or new_job_id(),
+        tenant=tenant,
+        status=JobStatus.QUEUED,
+        number=0,
+        priority=submission.priority,
+        prompt=submission.prompt,
+        extra_data=submission.extra_data,
+        outputs_to_execute=validated.outputs,
+        client_id=submission.client_id,
+        webhook=submission.webhook,
+        models=models_needed(validated),
+    )
+    created = await state.jobs.create(record, idempotency_key=submission.idempotency_key)
+    if created.created:
+        state.metrics.submitted.labels(tenant).inc()
+    return created

@@ -1,0 +1,215 @@
+"""What a worker does with one job: claim it, run it on the engine host, store its outputs, record
+the outcome. Plain code; the Celery task only calls ``JobRunner.run``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.engine_host import (
+    EngineHost,
+    HostCrashed,
+    HostJob,
+    HostResult,
+    JobDeadlineExceeded,
+    JobFailed,
+    JobInterrupted,
+)
+from worker.jobstore import JobStore
+from worker.protocol import JobError, JobRecord, JobStatus, OutputRecord, Progress
+from worker.settings import WorkerSettings
+from worker.storage import Storage, object_key
+
+log = logging.getLogger(__name__)
+
+# Events kept in the job record as ComfyUI's history "status.messages".
+STATUS_MESSAGES = (
+    "execution_start",
+    "execution_cached",
+    "execution_success",
+    "execution_error",
+    "execution_interrupted",
+)
+
+
+@dataclass
+class RunOutcome:
+    job_id: str
+    status: str
+    attempts: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class JobRunner:
+    """Runs jobs one at a time on this worker's engine host."""
+
+    settings: WorkerSettings
+    store: JobStore
+    storage: Storage
+    host: EngineHost
+    current_job: str | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    jobs_run: int = 0
+    job_seconds: dict[str, float] = field(default_factory=dict)
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the running job to stop (a cancel command from the gateway)."""
+        if self.current_job == job_id:
+            self.cancel_event.set()
+
+    def run(self, job_id: str) -> RunOutcome:
+        started = time.monotonic()
+        previous = self.store.claim(job_id, self.settings.worker_id)
+        if previous == "missing":
+            log.warning("Job %s does not exist (expired or deleted); dropping its message", job_id)
+            return RunOutcome(job_id, "missing")
+        job = self.store.get(job_id)
+        if job is None:
+            return RunOutcome(job_id, "missing")
+        if previous == "cancel":
+            self.store.finish(job, JobStatus.CANCELLED, error=JobError(type="cancelled", message="Cancelled"))
+            return RunOutcome(job_id, JobStatus.CANCELLED.value)
+        if previous not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            log.info("Job %s is already %s; nothing to do", job_id, previous)
+            return RunOutcome(job_id, previous)
+        if previous == JobStatus.RUNNING.value:
+            log.warning(
+                "Job %s was running elsewhere and is redelivered here (attempt %d)", job_id, job.attempts
+            )
+        self.current_job = job_id
+        self.cancel_event.clear()
+        try:
+            status = self._run_attempts(job)
+        finally:
+            self.current_job = None
+        self.jobs_run += 1
+        seconds = time.monotonic() - started
+        return RunOutcome(job_id, status.value, job.attempts, seconds)
+
+    def _run_attempts(self, job: JobRecord) -> JobStatus:
+        messages: list[Any] = []
+        host_job = HostJob(
+            job_id=job.id,
+            tenant=job.tenant,
+            prompt=job.prompt,
+            extra_data=job.extra_data,
+            outputs_to_execute=job.outputs_to_execute,
+        )
+        attempt = 0
+        while True:
+            attempt += 1
+            messages.clear()
+            try:
+                result = self.host.run(
+                    host_job,
+                    lambda event, data: self._on_event(job, event, data, messages),
+                    deadline_s=self.settings.job_timeout_s,
+                    cancel=self.cancel_event,
+                    cancel_grace_s=self.settings.cancel_grace_s,
+                )
+            except HostCrashed as exc:
+                if attempt < self.settings.job_max_attempts:
+                    log.warning(
+                        "Engine host crashed on job %s (attempt %d): %s; retrying", job.id, attempt, exc
+                    )
+                    continue
+                return self._fail(job, "host_crashed", f"The engine crashed {attempt} times: {exc}", messages)
+            except JobDeadlineExceeded as exc:
+                return self._fail(job, "deadline_exceeded", str(exc), messages)
+            except JobInterrupted:
+                self.store.finish(
+                    job,
+                    JobStatus.CANCELLED,
+                    error=JobError(type="cancelled", message="Cancelled while running"),
+                    messages=messages,
+                )
+                return JobStatus.CANCELLED
+            except JobFailed as exc:
+                error = exc.error
+                self.store.finish(
+                    job,
+                    JobStatus.FAILED,
+                    error=JobError(
+                        type=error.get("type", "execution_error"),
+                        message=error.get("message") or error.get("exception_message") or str(exc),
+                        node_id=error.get("node_id"),
+                        class_type=error.get("class_type"),
+                        traceback=error.get("traceback"),
+                    ),
+                    messages=messages,
+                )
+                return JobStatus.FAILED
+            return self._succeed(job, result, messages)
+
+    def _fail(self, job: JobRecord, type_: str, message: str, messages: list[Any]) -> JobStatus:
+        self.store.finish(
+            job, JobStatus.FAILED, error=JobError(type=type_, message=message), messages=messages
+        )
+        return JobStatus.FAILED
+
+    def _succeed(self, job: JobRecord, result: HostResult, messages: list[Any]) -> JobStatus:
+        outputs: list[OutputRecord] = []
+        renamed: dict[tuple[str, str, str], dict[str, str]] = {}
+        for produced in result.outputs:
+            extension = produced.filename.rsplit(".", 1)[-1] if "." in produced.filename else "bin"
+            filename = f"{produced.node_id}_{produced.index}.{extension}"
+            key = object_key(job.tenant, job.id, filename)
+            stored = self.storage.put(key, produced.data, produced.content_type)
+            outputs.append(
+                OutputRecord(
+                    node_id=produced.node_id,
+                    index=produced.index,
+                    key=key,
+                    filename=filename,
+                    subfolder=job.id,
+                    type=produced.type,
+                    content_type=produced.content_type,
+                    bytes=stored.bytes,
+                    sha256=stored.sha256,
+                )
+            )
+            renamed[(produced.subfolder, produced.filename, produced.type)] = {
+                "filename": filename,
+                "subfolder": job.id,
+                "type": produced.type,
+            }
+        history = {
+            node_id: {
+                kind: [
+                    renamed.get((i.get("subfolder", ""), i.get("filename", ""), i.get("type", "")), i)
+                    for i in items
+                ]
+                if isinstance(items, list)
+                else items
+                for kind, items in ui.items()
+            }
+            for node_id, ui in result.history.items()
+        }
+        self.store.finish(job, JobStatus.SUCCEEDED, outputs=outputs, history=history, messages=messages)
+        for node_id in result.executed:
+            self.job_seconds[node_id] = result.node_seconds.get(node_id, 0.0)
+        return JobStatus.SUCCEEDED
+
+    def _on_event(self, job: JobRecord, event: str, data: dict[str, Any], messages: list[Any]) -> None:
+        if event in STATUS_MESSAGES:
+            messages.append([event, data])
+        if event == "progress":
+            self.store.set_progress(
+                job.id, Progress(node=data.get("node"), value=data["value"], max=data["max"])
+            )
+        elif event == "executing" and data.get("node") is not None:
+            self.store.set_progress(job.id, Progress(node=data["node"], value=0, max=0))
+        if event == "preview":
+            data = {
+                "image_b64": base64.b64encode(data["image"]).decode(),
+                "format": data.get("format", "JPEG"),
+                "node": data.get("node"),
+                "prompt_id": data.get("prompt_id"),
+            }
+        self.store.publish(job, event, data)
