@@ -1,4 +1,5 @@
-"""The ``kiln`` command. Results go to stdout as JSON lines; logs go to stderr.
+"""The engine's commands: ``kiln run`` and ``kiln validate``. Results go to stdout as JSON lines;
+logs go to stderr.
 
 Exit status: 0 when every prompt succeeded, 1 when one failed (its error is on stdout as JSON),
 2 for unusable input (bad JSON, bad settings, a missing file).
@@ -9,13 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TextIO, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, TextIO, Union, get_args, get_origin
+
+from pydantic_settings import BaseSettings
 
 from engine.errors import ConfigError, KilnError, PromptValidationError
 from engine.settings import EngineSettings, load_settings
@@ -27,35 +30,45 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per engine setting (``max_nodes`` -> ``--max-nodes``), plus ``--config``."""
-    parser.add_argument("--config", type=Path, help="YAML or TOML settings file (also KILN_CONFIG)")
-    for name, field in EngineSettings.model_fields.items():
+def add_settings_options(parser: argparse.ArgumentParser, settings_class: type[BaseSettings]) -> None:
+    """One flag per setting of ``settings_class`` (``max_nodes`` -> ``--max-nodes``)."""
+    for name, field in settings_class.model_fields.items():
         help_text = f"{field.description or name} (env KILN_{name.upper()})"
+        annotation = field.annotation
         if name == "models_dirs":
             parser.add_argument(
                 "--models-dir", dest=name, action="append", type=Path, help=f"{help_text}; repeatable"
             )
-        elif field.annotation is bool:
+        elif annotation is bool:
             parser.add_argument(
                 flag_name(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text
             )
-        elif get_origin(field.annotation) is Literal:
-            parser.add_argument(
-                flag_name(name), dest=name, choices=get_args(field.annotation), help=help_text
-            )
+        elif get_origin(annotation) is Literal:
+            parser.add_argument(flag_name(name), dest=name, choices=get_args(annotation), help=help_text)
         else:
-            value_type = field.annotation if field.annotation in (int, float, Path) else str
+            if get_origin(annotation) in (Union, UnionType):
+                annotation = next(a for a in get_args(annotation) if a is not type(None))
+            value_type = annotation if annotation in (int, float, Path) else str
             parser.add_argument(flag_name(name), dest=name, type=value_type, help=help_text)
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """``--config`` plus one flag per engine setting."""
+    parser.add_argument("--config", type=Path, help="YAML or TOML settings file (also KILN_CONFIG)")
+    add_settings_options(parser, EngineSettings)
 
 
 def flag_name(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
+def overrides_from_args(args: argparse.Namespace, settings_class: type[BaseSettings]) -> dict[str, Any]:
+    """Values given on the command line for ``settings_class``'s fields (None = not given)."""
+    return {name: getattr(args, name, None) for name in settings_class.model_fields}
+
+
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
-    overrides = {name: getattr(args, name, None) for name in EngineSettings.model_fields}
-    return load_settings(args.config, **overrides)
+    return load_settings(args.config, **overrides_from_args(args, EngineSettings))
 
 
 def read_documents(paths: Sequence[str], limits: Any) -> Iterator[tuple[str, Any]]:
@@ -177,13 +190,8 @@ def command_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description="Run ComfyUI API-format workflows.")
-    parser.add_argument(
-        "--log-level", default=os.environ.get("KILN_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING, ERROR"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the engine's commands (``run``, ``validate``) to the ``kiln`` command."""
     run = commands.add_parser("run", help="run workflows in-process and print one JSON line per prompt")
     run.add_argument("workflows", nargs="+", help="API-format workflow files, or - for stdin")
     add_engine_options(run)
@@ -193,25 +201,3 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("workflows", nargs="+", help="API-format workflow files, or - for stdin")
     add_engine_options(validate)
     validate.set_defaults(handler=command_validate)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=log_format)
-    handler: Callable[[argparse.Namespace], int] = args.handler
-    try:
-        return handler(args)
-    except PromptValidationError as exc:
-        # Unparseable input (bad JSON, too deep): nothing could run.
-        print_json({"status": "error", **exc.to_dict()})
-        return EXIT_USAGE
-    except KilnError as exc:
-        print_json({"status": "error", "error": exc.to_dict()})
-        return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -86,6 +86,15 @@ class JobRunner:
         self.cancel_event.clear()
         try:
             status = self._run_attempts(job)
+        except Exception as exc:  # storage outage after retries, or a bug: the job fails visibly
+            log.exception("Job %s failed outside the engine", job_id)
+            self.store.finish(job, JobStatus.FAILED, error=JobError(type="internal_error", message=str(exc)))
+            status = JobStatus.FAILED
+        except BaseException:
+            # The worker is shutting down mid-job: put the job back for another worker.
+            log.warning("Worker stopping: job %s goes back to the queue", job_id)
+            self.store.requeue(job)
+            raise
         finally:
             self.current_job = None
         self.jobs_run += 1

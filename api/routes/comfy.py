@@ -200,10 +200,12 @@ async def store_upload(
         )
     except ImageDecodeError as exc:
         raise invalid(str(exc)) from exc
-    name = safe_relative(name).rsplit("/", 1)[-1]
-    subfolder = safe_relative(subfolder) if subfolder else ""
-    if not name:
+    # Only the file name counts (browsers may send a path); the folder is the subfolder field.
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if name in ("", ".", ".."):
         raise invalid("The upload has no file name")
+    name = safe_relative(name)
+    subfolder = safe_relative(subfolder) if subfolder else ""
     relative = f"{subfolder}/{name}" if subfolder else name
     if not overwrite and await state.redis.sismember(Keys.uploads(tenant), relative):
         stem, dot, ext = name.rpartition(".")

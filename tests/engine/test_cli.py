@@ -20,7 +20,7 @@ def kiln(args: list[str], cwd: Path, stdin: str | None = None, env: dict[str, st
     full_env = {**os.environ, **(env or {})}
     full_env.pop("KILN_CONFIG", None)
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "kiln", *args],
         cwd=cwd,
         input=stdin,
         capture_output=True,

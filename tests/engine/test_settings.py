@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import build_parser
+from kiln.cli import build_parser
 from engine.errors import ConfigError
 from engine.settings import EngineSettings, load_settings
 

@@ -1,0 +1,132 @@
+"""The Celery application of a Kiln worker: one process per GPU, one job at a time.
+
+Configuration that matters for not losing jobs:
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a job is acknowledged only after it ran, and
+  redelivered when the worker dies mid-job;
+- ``worker_prefetch_multiplier = 1`` with concurrency 1: a worker holds one job, never a backlog;
+- ``visibility_timeout`` longer than a job's attempts: Redis never redelivers a job that still runs;
+- ``worker_cancel_long_running_tasks_on_connection_loss``: a job whose broker connection was lost is
+  cancelled (it will be redelivered) instead of finishing unacknowledgeable;
+- soft shutdown (``REMAP_SIGTERM=SIGQUIT`` + ``worker_soft_shutdown_timeout``): on SIGTERM the running
+  job gets that long, then it is put back in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from engine.settings import EngineSettings
+from worker.engine_host import EngineHost
+from worker.heartbeat import ControlListener, Heartbeat
+from worker.jobstore import JobStore
+from worker.protocol import DEFAULT_QUEUE, TASK_RUN_JOB, worker_queue
+from worker.runner import JobRunner
+from worker.settings import WorkerSettings
+from worker.storage import storage_from_url
+
+log = logging.getLogger(__name__)
+
+
+class WorkerShutdown(BaseException):
+    """Raised in the job's process when the worker is told to stop while a job runs."""
+
+
+@dataclass
+class WorkerProcess:
+    """The per-process parts of a worker, built in the pool process that runs the jobs."""
+
+    settings: WorkerSettings
+    engine_settings: EngineSettings
+    runner: JobRunner | None = None
+    threads: list[Any] = field(default_factory=list)
+
+    def start(self) -> None:
+        client = redis.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+        storage = storage_from_url(self.settings.storage_url, **self.settings.storage_options())
+        host = EngineHost(
+            self.engine_settings,
+            storage_url=self.settings.storage_url,
+            storage_options=self.settings.storage_options(),
+            isolation=self.settings.isolation,
+            start_timeout_s=self.settings.host_start_timeout_s,
+        )
+        host.start()
+        self.runner = JobRunner(
+            settings=self.settings,
+            store=JobStore(client, self.settings.history_ttl_s),
+            storage=storage,
+            host=host,
+        )
+        heartbeat = Heartbeat(client, self.settings, self.engine_settings, self.runner)
+        listener = ControlListener(client, self.settings.worker_id, self.runner)
+        heartbeat.start()
+        listener.start()
+        self.threads = [heartbeat, listener]
+        signal.signal(signal.SIGTERM, _raise_shutdown)
+
+    def stop(self) -> None:
+        for thread in self.threads:
+            thread.stop()
+        if self.runner is not None:
+            self.runner.host.close()
+
+    def run(self, job_id: str) -> str:
+        if self.runner is None:
+            self.start()
+        assert self.runner is not None
+        return self.runner.run(job_id).status
+
+
+def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise WorkerShutdown()
+
+
+def create_celery_app(settings: WorkerSettings, engine_settings: EngineSettings) -> Celery:
+    """A Celery app whose single task hands a job id to this worker's JobRunner."""
+    app = Celery("kiln", broker=settings.redis_url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_default_queue=DEFAULT_QUEUE,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_soft_shutdown_timeout=settings.soft_shutdown_timeout_s,
+        worker_enable_soft_shutdown_on_idle=False,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "queue_order_strategy": "priority",
+        },
+    )
+    process = WorkerProcess(settings, engine_settings)
+
+    @app.task(name=TASK_RUN_JOB, acks_late=True, reject_on_worker_lost=True)
+    def run_job(job_id: str) -> str:
+        return process.run(job_id)
+
+    @worker_process_init.connect(weak=False)
+    def _start(**_: Any) -> None:
+        process.start()
+
+    @worker_process_shutdown.connect(weak=False)
+    def _stop(**_: Any) -> None:
+        process.stop()
+
+    app.kiln_process = process  # type: ignore[attr-defined]
+    return app
+
+
+def worker_queues(settings: WorkerSettings) -> list[str]:
+    """The shared queue, this worker's own queue (model affinity), and any configured extras."""
+    return [DEFAULT_QUEUE, worker_queue(settings.worker_id), *settings.queues]
