@@ -11,7 +11,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -86,8 +86,9 @@ class EngineSettings(BaseSettings):
         return DecodeLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Settings from a YAML or TOML file; keys are the setting names (without ``KILN_``)."""
+def read_config_file(path: Path, section: str = "engine") -> dict[str, Any]:
+    """One section of a YAML or TOML settings file. Keys are setting names (without ``KILN_``);
+    for the engine they may also sit at the top level."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -100,19 +101,37 @@ def read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of settings")
-    section = data.get("engine", data)
-    return dict(section) if isinstance(section, dict) else {}
+    if section in data:
+        values = data[section]
+        if not isinstance(values, dict):
+            raise ConfigError(f"Section {section!r} of {path} must be a mapping")
+        return dict(values)
+    sections = {"engine", "gateway", "worker"}
+    if section == "engine" and not sections & set(data):
+        return dict(data)
+    return {}
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> EngineSettings:
-    """Settings with the documented precedence; ``overrides`` are explicit values (flags)."""
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_section(
+    settings_class: type[SettingsT], section: str, config_file: Path | None, overrides: dict[str, Any]
+) -> SettingsT:
+    """Settings with the documented precedence: explicit values, ``KILN_*`` environment, the config
+    file (``config_file`` or ``KILN_CONFIG``), defaults."""
     config_path = config_file or (Path(os.environ["KILN_CONFIG"]) if os.environ.get("KILN_CONFIG") else None)
-    from_file = read_config_file(config_path) if config_path else {}
+    from_file = read_config_file(config_path, section) if config_path else {}
     # Environment beats the file: keep only file keys the environment does not set.
-    env_keys = {name for name in EngineSettings.model_fields if f"KILN_{name.upper()}" in os.environ}
+    env_keys = {name for name in settings_class.model_fields if f"KILN_{name.upper()}" in os.environ}
     merged = {key: value for key, value in from_file.items() if key not in env_keys}
     merged.update({key: value for key, value in overrides.items() if value is not None})
     try:
-        return EngineSettings(**merged)
+        return settings_class(**merged)
     except ValidationError as exc:
-        raise ConfigError(f"Invalid settings: {exc}") from exc
+        raise ConfigError(f"Invalid {section} settings: {exc}") from exc
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> EngineSettings:
+    """Engine settings with the documented precedence; ``overrides`` are explicit values (flags)."""
+    return load_section(EngineSettings, "engine", config_file, overrides)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from kiln.cli import build_parser
 from engine.errors import ConfigError
 from engine.settings import EngineSettings, load_settings
+from kiln.cli import build_parser
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
