@@ -9,19 +9,22 @@ Configuration that matters for not losing jobs:
   cancelled (it will be redelivered) instead of finishing unacknowledgeable;
 - soft shutdown (``REMAP_SIGTERM=SIGQUIT`` + ``worker_soft_shutdown_timeout``): on SIGTERM the running
   job gets that long, then it is put back in the queue.
+
+The task runs on Celery's ``threads`` pool (one thread): the engine host is a spawned subprocess,
+which a daemonic prefork child may not start, and the main thread stays free for Celery's signal
+handling during the soft shutdown.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
+import threading
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
 from engine.settings import EngineSettings
 from worker.engine_host import EngineHost
@@ -35,10 +38,6 @@ from worker.storage import storage_from_url
 log = logging.getLogger(__name__)
 
 
-class WorkerShutdown(BaseException):
-    """Raised in the job's process when the worker is told to stop while a job runs."""
-
-
 @dataclass
 class WorkerProcess:
     """The per-process parts of a worker, built in the pool process that runs the jobs."""
@@ -47,8 +46,14 @@ class WorkerProcess:
     engine_settings: EngineSettings
     runner: JobRunner | None = None
     threads: list[Any] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
+        with self._lock:
+            if self.runner is None:
+                self._start()
+
+    def _start(self) -> None:
         client = redis.Redis.from_url(self.settings.redis_url, health_check_interval=30)
         storage = storage_from_url(self.settings.storage_url, **self.settings.storage_options())
         host = EngineHost(
@@ -70,23 +75,18 @@ class WorkerProcess:
         heartbeat.start()
         listener.start()
         self.threads = [heartbeat, listener]
-        signal.signal(signal.SIGTERM, _raise_shutdown)
 
     def stop(self) -> None:
+        """Worker shutdown: a job still running goes back to the queue, then the host stops."""
         for thread in self.threads:
             thread.stop()
-        if self.runner is not None:
-            self.runner.host.close()
+        if self.runner is not None and not self.runner.stopping.is_set():
+            self.runner.shutdown()
 
     def run(self, job_id: str) -> str:
-        if self.runner is None:
-            self.start()
+        self.start()
         assert self.runner is not None
         return self.runner.run(job_id).status
-
-
-def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
-    raise WorkerShutdown()
 
 
 def create_celery_app(settings: WorkerSettings, engine_settings: EngineSettings) -> Celery:
@@ -96,6 +96,8 @@ def create_celery_app(settings: WorkerSettings, engine_settings: EngineSettings)
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
+        # The task only raises when the worker stops mid-job: leave the message for redelivery.
+        task_acks_on_failure_or_timeout=False,
         task_default_queue=DEFAULT_QUEUE,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
@@ -115,11 +117,12 @@ def create_celery_app(settings: WorkerSettings, engine_settings: EngineSettings)
     def run_job(job_id: str) -> str:
         return process.run(job_id)
 
-    @worker_process_init.connect(weak=False)
+    @worker_ready.connect(weak=False)
     def _start(**_: Any) -> None:
-        process.start()
+        # Start the engine host before the first job arrives, so the first job does not wait.
+        threading.Thread(target=process.start, name="kiln-start", daemon=True).start()
 
-    @worker_process_shutdown.connect(weak=False)
+    @worker_shutdown.connect(weak=False)
     def _stop(**_: Any) -> None:
         process.stop()
 

@@ -42,13 +42,15 @@ def command_worker(args: argparse.Namespace) -> int:
     # SIGTERM starts Celery's soft shutdown (the running job gets soft_shutdown_timeout_s, then is
     # requeued) instead of a warm shutdown that waits for the job however long it takes.
     os.environ["REMAP_SIGTERM"] = "SIGQUIT"
+    # Celery's threads pool, extended to stop the running job at the end of the soft shutdown.
+    os.environ["CELERY_CUSTOM_WORKER_POOL"] = "worker.celery_pool:KilnThreadPool"
     from worker.celery_app import create_celery_app, worker_queues
 
     app = create_celery_app(settings, engine_settings)
     app.worker_main(
         [
             "worker",
-            "--pool=prefork",
+            "--pool=custom",
             "--concurrency=1",
             f"--queues={','.join(worker_queues(settings))}",
             f"--hostname={settings.worker_id}@%h",

@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 
 import redis
@@ -54,7 +55,8 @@ class Heartbeat(_Loop):
     def beat(self) -> dict[str, Any]:
         host_status: dict[str, Any] = {}
         try:
-            host_status = dict(self.runner.host.status())
+            status = asdict(self.runner.host.status())
+            host_status = {f"host_{name}": value for name, value in status.items()}
         except Exception as exc:  # the heartbeat must go on even when the host is restarting
             log.debug("host status unavailable: %s", exc)
         state = {

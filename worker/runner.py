@@ -37,6 +37,10 @@ STATUS_MESSAGES = (
 )
 
 
+class WorkerStopping(BaseException):
+    """Raised when the worker shuts down while a job runs; the job is requeued, not failed."""
+
+
 @dataclass
 class RunOutcome:
     job_id: str
@@ -55,8 +59,22 @@ class JobRunner:
     host: EngineHost
     current_job: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    aborting: threading.Event = field(default_factory=threading.Event)
     jobs_run: int = 0
-    job_seconds: dict[str, float] = field(default_factory=dict)
+
+    def abort(self) -> None:
+        """Stop the running job without failing it: it goes back to the queue (Celery cancels a job
+        when the broker connection is lost, and at the end of a soft shutdown)."""
+        if self.current_job is not None:
+            self.aborting.set()
+            self.cancel_event.set()
+
+    def shutdown(self) -> None:
+        """The worker is stopping: the running job (if any) is requeued, then the host ends."""
+        self.stopping.set()
+        self.abort()
+        self.host.close()
 
     def cancel(self, job_id: str) -> None:
         """Ask the running job to stop (a cancel command from the gateway)."""
@@ -84,6 +102,7 @@ class JobRunner:
             )
         self.current_job = job_id
         self.cancel_event.clear()
+        self.aborting.clear()
         try:
             status = self._run_attempts(job)
         except Exception as exc:  # storage outage after retries, or a bug: the job fails visibly
@@ -92,8 +111,8 @@ class JobRunner:
             status = JobStatus.FAILED
         except BaseException:
             # The worker is shutting down mid-job: put the job back for another worker.
-            log.warning("Worker stopping: job %s goes back to the queue", job_id)
-            self.store.requeue(job)
+            if self.store.requeue(job):
+                log.warning("Worker stopping: job %s goes back to the queue", job_id)
             raise
         finally:
             self.current_job = None
@@ -123,6 +142,8 @@ class JobRunner:
                     cancel_grace_s=self.settings.cancel_grace_s,
                 )
             except HostCrashed as exc:
+                if self.stopping.is_set() or self.aborting.is_set():
+                    raise WorkerStopping(job.id) from exc
                 if attempt < self.settings.job_max_attempts:
                     log.warning(
                         "Engine host crashed on job %s (attempt %d): %s; retrying", job.id, attempt, exc
@@ -130,8 +151,11 @@ class JobRunner:
                     continue
                 return self._fail(job, "host_crashed", f"The engine crashed {attempt} times: {exc}", messages)
             except JobDeadlineExceeded as exc:
+                # A prompt that hung once will hang again: no retry.
                 return self._fail(job, "deadline_exceeded", str(exc), messages)
-            except JobInterrupted:
+            except JobInterrupted as exc:
+                if self.aborting.is_set():
+                    raise WorkerStopping(job.id) from exc
                 self.store.finish(
                     job,
                     JobStatus.CANCELLED,
@@ -140,21 +164,29 @@ class JobRunner:
                 )
                 return JobStatus.CANCELLED
             except JobFailed as exc:
-                error = exc.error
-                self.store.finish(
-                    job,
-                    JobStatus.FAILED,
-                    error=JobError(
-                        type=error.get("type", "execution_error"),
-                        message=error.get("message") or error.get("exception_message") or str(exc),
-                        node_id=error.get("node_id"),
-                        class_type=error.get("class_type"),
-                        traceback=error.get("traceback"),
-                    ),
-                    messages=messages,
-                )
-                return JobStatus.FAILED
+                if exc.retryable and attempt < self.settings.job_max_attempts:
+                    log.warning(
+                        "Job %s ran out of memory (attempt %d); retrying on a fresh host", job.id, attempt
+                    )
+                    continue
+                return self._record_failure(job, exc, messages)
             return self._succeed(job, result, messages)
+
+    def _record_failure(self, job: JobRecord, exc: JobFailed, messages: list[Any]) -> JobStatus:
+        error = exc.error
+        self.store.finish(
+            job,
+            JobStatus.FAILED,
+            error=JobError(
+                type=exc.type,
+                message=error.get("message") or error.get("exception_message") or str(exc),
+                node_id=exc.node_id,
+                class_type=exc.class_type,
+                traceback=exc.traceback,
+            ),
+            messages=messages,
+        )
+        return JobStatus.FAILED
 
     def _fail(self, job: JobRecord, type_: str, message: str, messages: list[Any]) -> JobStatus:
         self.store.finish(
@@ -163,46 +195,27 @@ class JobRunner:
         return JobStatus.FAILED
 
     def _succeed(self, job: JobRecord, result: HostResult, messages: list[Any]) -> JobStatus:
+        """Upload every file (deterministic keys: a retry overwrites), then record success."""
         outputs: list[OutputRecord] = []
-        renamed: dict[tuple[str, str, str], dict[str, str]] = {}
-        for produced in result.outputs:
-            extension = produced.filename.rsplit(".", 1)[-1] if "." in produced.filename else "bin"
-            filename = f"{produced.node_id}_{produced.index}.{extension}"
-            key = object_key(job.tenant, job.id, filename)
+        for produced in result.produced:
+            key = object_key(job.tenant, produced.subfolder, produced.filename)
             stored = self.storage.put(key, produced.data, produced.content_type)
             outputs.append(
                 OutputRecord(
                     node_id=produced.node_id,
                     index=produced.index,
                     key=key,
-                    filename=filename,
-                    subfolder=job.id,
+                    filename=produced.filename,
+                    subfolder=produced.subfolder,
                     type=produced.type,
                     content_type=produced.content_type,
                     bytes=stored.bytes,
                     sha256=stored.sha256,
                 )
             )
-            renamed[(produced.subfolder, produced.filename, produced.type)] = {
-                "filename": filename,
-                "subfolder": job.id,
-                "type": produced.type,
-            }
-        history = {
-            node_id: {
-                kind: [
-                    renamed.get((i.get("subfolder", ""), i.get("filename", ""), i.get("type", "")), i)
-                    for i in items
-                ]
-                if isinstance(items, list)
-                else items
-                for kind, items in ui.items()
-            }
-            for node_id, ui in result.history.items()
-        }
-        self.store.finish(job, JobStatus.SUCCEEDED, outputs=outputs, history=history, messages=messages)
-        for node_id in result.executed:
-            self.job_seconds[node_id] = result.node_seconds.get(node_id, 0.0)
+        self.store.finish(
+            job, JobStatus.SUCCEEDED, outputs=outputs, history=result.outputs, messages=messages
+        )
         return JobStatus.SUCCEEDED
 
     def _on_event(self, job: JobRecord, event: str, data: dict[str, Any], messages: list[Any]) -> None:

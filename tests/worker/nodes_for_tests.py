@@ -7,7 +7,17 @@ Implementations live in ``tests.worker.ops_for_tests``.
 
 from __future__ import annotations
 
-from engine.schema import NodeSpec, bool_input, combo, float_input, int_input, string_input
+from engine.schema import (
+    IMAGE,
+    NodeSpec,
+    OutputSpec,
+    bool_input,
+    combo,
+    float_input,
+    int_input,
+    link,
+    string_input,
+)
 
 _OPS = "tests.worker.ops_for_tests"
 _CATEGORY = "testing"
@@ -58,5 +68,17 @@ NODE_SPECS = (
         description="Raises ValueError(message).",
         required=(string_input("message", "boom"),),
         output_node=True,
+    ),
+    NodeSpec(
+        "TestSlowInvert",
+        category=_CATEGORY,
+        impl=f"{_OPS}:slow_invert",
+        description="ImageInvert that sleeps in steps first, reporting progress after each.",
+        required=(
+            link("image", IMAGE),
+            int_input("steps", 10, 1, 100_000),
+            float_input("step_seconds", 0.05, 0.0, 10.0, step=0.001),
+        ),
+        outputs=(OutputSpec(IMAGE),),
     ),
 )

@@ -54,3 +54,13 @@ def out_of_memory(ctx: NodeContext, mode: str) -> tuple[()]:
 
 def fail(ctx: NodeContext, message: str) -> tuple[()]:
     raise ValueError(message)
+
+
+def slow_invert(
+    ctx: NodeContext, image: torch.Tensor, steps: int, step_seconds: float
+) -> tuple[torch.Tensor]:
+    """ImageInvert that takes ``steps * step_seconds``, reporting progress (and honouring cancel)."""
+    for step in range(1, steps + 1):
+        time.sleep(step_seconds)
+        ctx.progress(step, steps)
+    return (1.0 - image,)
