@@ -15,9 +15,8 @@ from engine.errors import KilnError, PromptValidationError
 
 def build_parser() -> argparse.ArgumentParser:
     import api.cli
-    import worker.cli
-
     import engine.cli
+    import worker.cli
 
     parser = argparse.ArgumentParser(prog="kiln", description="Run ComfyUI API-format workflows.")
     parser.add_argument(
