@@ -7,6 +7,8 @@ from engine.schema import NodeSpec
 
 def builtin_specs() -> list[NodeSpec]:
     """Every built-in node's spec, in catalogue order."""
+    from engine.nodes.custom_sampling import CUSTOM_SAMPLING_NODE_SPECS
     from engine.nodes.image import IMAGE_NODE_SPECS
+    from engine.nodes.latent import LATENT_NODE_SPECS
 
-    return [*IMAGE_NODE_SPECS]
+    return [*IMAGE_NODE_SPECS, *LATENT_NODE_SPECS, *CUSTOM_SAMPLING_NODE_SPECS]

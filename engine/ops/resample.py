@@ -38,12 +38,73 @@ def lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return torch.stack(resized).to(samples.device, samples.dtype)
 
 
+def _slerp(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of rows of ``a`` and ``b`` ([N,C]) by ``ratio`` ([N,1]); the norm is
+    interpolated linearly. Equal directions keep ``a``; opposite ones fall back to lerp."""
+    channels = a.shape[-1]
+    a_norm = torch.norm(a, dim=-1, keepdim=True)
+    b_norm = torch.norm(b, dim=-1, keepdim=True)
+    a_unit = torch.where(a_norm == 0, torch.zeros_like(a), a / a_norm)
+    b_unit = torch.where(b_norm == 0, torch.zeros_like(b), b / b_norm)
+    dot = (a_unit * b_unit).sum(1)
+    omega = torch.acos(dot)
+    sin_omega = torch.sin(omega)
+    r = ratio.squeeze(1)
+    result = (torch.sin((1.0 - r) * omega) / sin_omega).unsqueeze(1) * a_unit + (
+        torch.sin(r * omega) / sin_omega
+    ).unsqueeze(1) * b_unit
+    result = result * (a_norm * (1.0 - ratio) + b_norm * ratio).expand(-1, channels)
+    same = dot > 1 - 1e-5
+    opposite = dot < 1e-5 - 1
+    result[same] = a[same]
+    result[opposite] = (a * (1.0 - ratio) + b * ratio)[opposite]
+    return result
+
+
+def _bilinear_sources(
+    old: int, new: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of ``new`` positions: the two source indices and the weight of the second, placed
+    as bilinear interpolation (half-pixel centres) places them."""
+    positions = torch.arange(old, dtype=torch.float32, device=device).reshape(1, 1, 1, -1)
+    positions = F.interpolate(positions, size=(1, new), mode="bilinear")
+    ratios = positions - positions.floor()
+    first = positions.to(torch.int64)
+    following = torch.arange(old, dtype=torch.float32, device=device).reshape(1, 1, 1, -1) + 1
+    following[:, :, :, -1] -= 1
+    second = F.interpolate(following, size=(1, new), mode="bilinear").to(torch.int64)
+    return ratios, first, second
+
+
+def bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's "bislerp" latent resize: bilinear placement, spherical interpolation of the channel
+    vectors (first along width, then along height)."""
+    dtype = samples.dtype
+    x = samples.float()
+    n, c, h, w = x.shape
+    ratios, first, second = _bilinear_sources(w, width, x.device)
+    rows_a = x.gather(-1, first.expand(n, c, h, -1)).movedim(1, -1).reshape(-1, c)
+    rows_b = x.gather(-1, second.expand(n, c, h, -1)).movedim(1, -1).reshape(-1, c)
+    weight = ratios.expand(n, 1, h, -1).movedim(1, -1).reshape(-1, 1)
+    x = _slerp(rows_a, rows_b, weight).reshape(n, h, width, c).movedim(-1, 1)
+    ratios, first, second = _bilinear_sources(h, height, x.device)
+    first = first.reshape(1, 1, -1, 1).expand(n, c, -1, width)
+    second = second.reshape(1, 1, -1, 1).expand(n, c, -1, width)
+    weight = ratios.reshape(1, 1, -1, 1).expand(n, 1, -1, width).movedim(1, -1).reshape(-1, 1)
+    rows_a = x.gather(-2, first).movedim(1, -1).reshape(-1, c)
+    rows_b = x.gather(-2, second).movedim(1, -1).reshape(-1, c)
+    x = _slerp(rows_a, rows_b, weight).reshape(n, height, width, c).movedim(-1, 1)
+    return x.to(dtype)
+
+
 def upscale(
     samples: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled"
 ) -> torch.Tensor:
     """Resize [B,C,H,W] to ``height`` x ``width`` (ComfyUI's ``common_upscale``)."""
     if crop == "center":
         samples = center_crop_to_aspect(samples, width, height)
+    if method == "bislerp":
+        return bislerp(samples, width, height)
     if method == "lanczos":
         return lanczos(samples, width, height)
     return F.interpolate(samples, size=(height, width), mode=method)

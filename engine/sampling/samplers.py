@@ -37,6 +37,7 @@ from engine.sampling.common import (
     split_extra_args,
     to_d,
 )
+from engine.sampling.names import KSAMPLER_NAMES, SAMPLER_NAMES
 from engine.sampling.noise import BrownianTreeNoiseSampler, DefaultNoiseSampler, NoiseSampler
 from engine.sampling.uni_pc import sample_unipc, sample_unipc_bh2
 
@@ -1883,20 +1884,6 @@ def sample_sa_solver_pece(
 
 # -- the registry ---------------------------------------------------------------------------------
 
-# ComfyUI's KSAMPLER_NAMES, in its order.
-KSAMPLER_NAMES: tuple[str, ...] = (
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2",
-    "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive",
-    "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m",
-    "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
-    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
-    "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
-    "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver",
-    "sa_solver_pece",
-)  # fmt: skip
-# The KSampler "sampler_name" combo: ComfyUI's SAMPLER_NAMES.
-SAMPLER_NAMES: tuple[str, ...] = (*KSAMPLER_NAMES, "ddim", "uni_pc", "uni_pc_bh2")
-
 SAMPLERS: dict[str, SamplerFn] = {
     "euler": sample_euler,
     "euler_cfg_pp": sample_euler_cfg_pp,
@@ -1955,3 +1942,6 @@ def get_sampler(name: str) -> SamplerFn:
         return SAMPLERS[name]
     except KeyError:
         raise UnknownSamplerError(f"unknown sampler {name!r}") from None
+
+
+__all__ = ["KSAMPLER_NAMES", "SAMPLERS", "SAMPLER_NAMES", "get_sampler"]

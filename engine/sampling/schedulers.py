@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from engine.errors import KilnError
+from engine.sampling import names
 from engine.sampling.model_sampling import ModelSampling
 
 # Defaults of ComfyUI's parametric scheduler nodes (SD1.5's sigma range).
@@ -200,6 +201,7 @@ SCHEDULERS: dict[str, SchedulerFn] = {
     "kl_optimal": kl_optimal_scheduler,
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+assert SCHEDULER_NAMES == names.SCHEDULER_NAMES, "engine.sampling.names must list every scheduler"
 
 # KSampler computes steps + 1 sigmas for these and drops the penultimate one.
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
