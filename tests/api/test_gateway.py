@@ -317,6 +317,7 @@ def test_health_ready_metrics_stats(client):
     client.post("/prompt", json={"prompt": invert_prompt()}, headers=AUTH_A)
     metrics = client.get("/metrics").text
     assert 'kiln_jobs_submitted_total{tenant="tenant-a"} 1.0' in metrics
+    assert 'kiln_http_request_seconds_count{method="POST",route="/prompt"} 1.0' in metrics
     stats = client.get("/system_stats", headers=AUTH_A).json()
     assert set(stats) == {"system", "devices"}
     assert client.get("/v1/workers", headers=AUTH_A).json() == {"workers": []}
