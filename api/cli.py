@@ -14,7 +14,6 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     serve = commands.add_parser("serve", help="run the HTTP gateway (ComfyUI API + /v1)")
     serve.add_argument("--config", type=Path, help="YAML or TOML settings file (also KILN_CONFIG)")
-    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     add_settings_options(serve, GatewaySettings)
     add_settings_options(serve, EngineSettings)
     serve.set_defaults(handler=command_serve)

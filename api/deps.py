@@ -14,7 +14,7 @@ from api.state import GatewayState
 LOCAL_TENANT = "local"
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:
     return request.app.state.kiln
 
 
@@ -41,7 +41,7 @@ def tenant_for_key(state: GatewayState, key: str | None) -> str:
     raise Unauthorized("Invalid API key")
 
 
-def authenticate(request: Request, state: State) -> str:
+async def authenticate(request: Request, state: State) -> str:
     return tenant_for_key(state, api_key_from(request))
 
 

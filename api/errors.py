@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 
 from api.jobs import QueueFull
 from engine.errors import KilnError, PromptValidationError, UnsafePathError
@@ -76,6 +77,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         return JSONResponse(error_body("queue_full", str(exc)), status_code=429, headers={"Retry-After": "5"})
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        return JSONResponse(
+            error_body("unavailable", "The job store is unavailable; retry shortly"),
+            status_code=503,
+            headers={"Retry-After": "2"},
+        )
 
     @app.exception_handler(KilnError)
     async def kiln_error(request: Request, exc: KilnError) -> JSONResponse:

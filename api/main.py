@@ -9,6 +9,10 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body, install_error_handlers
@@ -107,7 +111,13 @@ def create_app(settings: GatewaySettings, engine_settings: EngineSettings | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aioredis.from_url(settings.redis_url, health_check_interval=30)
+        # A Redis restart or failover closes pooled connections: retry commands on a fresh one.
+        client = aioredis.from_url(
+            settings.redis_url,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=6),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         storage = storage_from_url(
             settings.storage_url,
             create_bucket=settings.storage_create_bucket,
