@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from api.jobs import GatewayJobs
+from api.routing import RoutingService, load_routing_settings
 from api.settings import GatewaySettings
 from engine.inventory import FolderInventory, StaticInventory
 from engine.registry import NodeRegistry
@@ -37,6 +38,28 @@ class Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+        # Routing, counted by this gateway process. Cluster-wide figures (jobs, loads, queues,
+        # memory) are read from Redis at scrape time: api/routes/system.py.
+        self.routed = Counter(
+            "kiln_route_decisions",
+            "Jobs routed by this gateway: warm (models resident where it goes), cold, pinned, "
+            "no_workers (the shared queue), no_eligible (refused)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.moved = Counter(
+            "kiln_jobs_moved",
+            "Jobs this gateway moved: reap (queued on a dead worker), steal (to an idle worker), "
+            "shared (from the shared queue to a worker), redeliver (running on a dead worker)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.preloads = Counter(
+            "kiln_preload_requests",
+            "Preloads this gateway asked of idle workers (pinned models, growing backlogs)",
+            ["reason"],
+            registry=self.registry,
+        )
 
 
 @dataclass
@@ -49,8 +72,18 @@ class GatewayState:
     registry: NodeRegistry
     metrics: Metrics
     api_keys: dict[str, str]
+    routing: RoutingService | None = None
     _models: dict[str, list[str]] = field(default_factory=dict)
     _models_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.routing is None:
+            self.routing = RoutingService(self.redis, load_routing_settings(), self.metrics)
+
+    @property
+    def router(self) -> RoutingService:
+        assert self.routing is not None
+        return self.routing
 
     async def model_choices(self) -> dict[str, list[str]]:
         """``models:<folder>`` -> names, from the workers' inventories and local model folders."""

@@ -12,11 +12,13 @@ from typing import Any
 
 from fastapi import Request
 
-from api.errors import PayloadTooLarge, RateLimited
+from api.errors import PayloadTooLarge, RateLimited, ServiceUnavailable
 from api.jobs import Created, new_job_id
 from api.state import GatewayState
 from engine.errors import PromptValidationError
 from engine.prompt_json import parse_json
+from engine.registry import NodeRegistry
+from engine.schema import ChoiceSource
 from engine.validation import ValidatedPrompt, prompt_error, validate_prompt
 from worker.celery_wire import DEFAULT_PRIORITY, MAX_PRIORITY
 from worker.protocol import JobRecord, JobStatus
@@ -35,6 +37,12 @@ class Submission:
     idempotency_key: str | None = None
 
 
+class NoEligibleWorker(ServiceUnavailable):
+    """Raised when workers are up but none may run the job (its pins or their allow-lists)."""
+
+    type = "no_eligible_worker"
+
+
 def invalid(message: str, details: str = "") -> PromptValidationError:
     return PromptValidationError(prompt_error("invalid_prompt", message, details))
 
@@ -48,14 +56,41 @@ async def read_json_body(request: Request, state: GatewayState) -> Any:
     return parse_json(body, limits)
 
 
-def models_needed(validated: ValidatedPrompt) -> list[str]:
-    """Model files a prompt loads (``folder/name``), from its loader nodes' model combos."""
-    needed = []
+def models_needed(validated: ValidatedPrompt, registry: NodeRegistry) -> list[str]:
+    """Model files a prompt loads, as ``folder/name``: the values of its nodes' model combos
+    (inputs whose choices are ``ChoiceSource("models:<folder>")``: checkpoints, loras, vae, ...)."""
+    needed = set()
     for node in validated.prompt.values():
-        for name, value in node["inputs"].items():
-            if isinstance(value, str) and name.endswith(("ckpt_name", "vae_name", "lora_name", "unet_name")):
-                needed.append(value)
-    return sorted(set(needed))
+        spec = registry.get(node["class_type"])
+        if spec is None:
+            continue
+        for declared in spec.declared_inputs:
+            choices = declared.choices
+            value = node["inputs"].get(declared.name)
+            if (
+                isinstance(choices, ChoiceSource)
+                and choices.kind.startswith("models:")
+                and isinstance(value, str)
+            ):
+                needed.add(f"{choices.kind.removeprefix('models:')}/{value}")
+    return sorted(needed)
+
+
+def placement_pins(extra_data: dict[str, Any]) -> dict[str, str]:
+    """``extra_data["kiln"]``'s placement: ``{"worker": id}`` and/or ``{"gpu_class": name}``."""
+    section = extra_data.get("kiln")
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise invalid("extra_data.kiln must be an object")
+    pins = {}
+    for key in ("worker", "gpu_class"):
+        value = section.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value.strip():
+                raise invalid(f"extra_data.kiln.{key} must be a non-empty string")
+            pins[key] = value.strip()
+    return pins
 
 
 async def submit(state: GatewayState, tenant: str, submission: Submission) -> Created:
@@ -80,6 +115,7 @@ async def submit(state: GatewayState, tenant: str, submission: Submission) -> Cr
         raise
     if submission.job_id is not None and await state.jobs.get(submission.job_id) is not None:
         raise invalid(f"prompt_id {submission.job_id} is already used")
+    pins = placement_pins(submission.extra_data)
     record = JobRecord(
         id=submission.job_id or new_job_id(),
         tenant=tenant,
@@ -91,9 +127,20 @@ async def submit(state: GatewayState, tenant: str, submission: Submission) -> Cr
         outputs_to_execute=validated.outputs,
         client_id=submission.client_id,
         webhook=submission.webhook,
-        models=models_needed(validated),
+        models=models_needed(validated, state.registry),
+        pin=pins,
     )
-    created = await state.jobs.create(record, idempotency_key=submission.idempotency_key)
+    route = await state.router.route(record)
+    if route.reason == "no_eligible":
+        state.metrics.rejected.labels("no_eligible_worker").inc()
+        raise NoEligibleWorker(
+            f"No live worker may run this job (pins {pins or 'none'}, models {record.models}); "
+            "check the pins and the workers' allow-lists",
+            headers={"Retry-After": "5"},
+        )
+    assert record.queue is not None
+    created = await state.jobs.create(record, queue=record.queue, idempotency_key=submission.idempotency_key)
     if created.created:
         state.metrics.submitted.labels(tenant).inc()
+        await state.router.place(record, route)
     return created

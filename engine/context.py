@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.events import PREVIEW, PROGRESS, EventSink
 from engine.interrupt import InterruptFlag
 from engine.io import InputResolver, OutputRequest, OutputSink, SavedOutput
 from engine.limits import DecodeLimits
+
+if TYPE_CHECKING:
+    from engine.models.manager import ModelManager
 
 
 @dataclass
@@ -17,7 +20,8 @@ class Services:
 
     outputs: OutputSink
     inputs: InputResolver
-    models: Any = None
+    # The model manager (engine.models.manager.ModelManager): loads models, lends them to nodes.
+    models: ModelManager | None = None
     device: str = "cpu"
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
     # Send a latent preview every N sampler steps (0 disables previews).

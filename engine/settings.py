@@ -43,6 +43,18 @@ class EngineSettings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     precision: Precision = Field("auto", description="Weights precision: auto (fp16 on GPU, fp32 on CPU).")
     vae_fp32: bool = Field(False, description="Run the VAE in fp32 whatever the precision.")
+    models_device_budget_mb: int | None = Field(
+        None,
+        ge=0,
+        description="MiB of device memory for loaded models (LRU beyond it); default: 75% of a GPU's "
+        "memory, half the RAM on CPU.",
+    )
+    models_host_budget_mb: int | None = Field(
+        None,
+        ge=0,
+        description="MiB of RAM for models moved off the device (LRU beyond it); default: half the RAM "
+        "with a GPU, 0 on CPU.",
+    )
     cache_entries: int = Field(128, ge=0, description="Node outputs kept across prompts (LRU).")
     preview_interval: int = Field(0, ge=0, description="Latent preview every N steps; 0 disables.")
     offline: bool = Field(False, description="Never download models (also honours HF_HUB_OFFLINE).")

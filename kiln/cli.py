@@ -16,6 +16,8 @@ from engine.errors import KilnError, PromptValidationError
 def build_parser() -> argparse.ArgumentParser:
     import api.cli
     import engine.cli
+    import engine.models.cli
+    import kiln.up
     import worker.cli
 
     parser = argparse.ArgumentParser(prog="kiln", description="Run ComfyUI API-format workflows.")
@@ -24,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     engine.cli.register(commands)
+    engine.models.cli.register(commands)
     api.cli.register(commands)
     worker.cli.register(commands)
+    kiln.up.register(commands)
     return parser
 
 

@@ -34,6 +34,7 @@ from worker.protocol import DEFAULT_QUEUE, TASK_RUN_JOB, worker_queue
 from worker.runner import JobRunner
 from worker.settings import WorkerSettings
 from worker.storage import storage_from_url
+from worker.webhooks import deliverer_for_worker
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ class WorkerProcess:
 
     def _start(self) -> None:
         client = redis.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+        # Webhooks flow from the start, even while the engine host is still loading.
+        deliverer = deliverer_for_worker(
+            client,
+            self.settings.webhook_secret,
+            self.settings.webhook_attempts,
+            self.settings.storage_url,
+            **self.settings.storage_options(),
+        )
+        deliverer.start()
+        self.threads = [deliverer]
         storage = storage_from_url(self.settings.storage_url, **self.settings.storage_options())
         host = EngineHost(
             self.engine_settings,
@@ -74,7 +85,7 @@ class WorkerProcess:
         listener = ControlListener(client, self.settings.worker_id, self.runner)
         heartbeat.start()
         listener.start()
-        self.threads = [heartbeat, listener]
+        self.threads = [deliverer, heartbeat, listener]
 
     def stop(self) -> None:
         """Worker shutdown: a job still running goes back to the queue, then the host stops."""

@@ -6,6 +6,34 @@ never changed again, whatever message arrives late or twice.
 
 from __future__ import annotations
 
+from worker.protocol import JOB_SECONDS_BUCKETS, Keys
+
+# Cluster counters (see Keys.stats) are updated inside the scripts that make the state change, so
+# each job is counted once, exactly when it finishes. Their key names are written into the script
+# text (Kiln runs on one Redis, not Redis Cluster).
+_OBSERVE_FINISHED = f"""
+local function kiln_observe(phase, value)
+  if value == nil or value < 0 then return end
+  local le = "+Inf"
+  for _, bound in ipairs({{{", ".join(f'"{b}"' for b in JOB_SECONDS_BUCKETS)}}}) do
+    if value <= tonumber(bound) then le = bound; break end
+  end
+  redis.call("HINCRBY", "{Keys.stats("job-seconds")}", phase .. ":" .. le, 1)
+  redis.call("HINCRBYFLOAT", "{Keys.stats("job-seconds")}", phase .. ":sum", value)
+  redis.call("HINCRBY", "{Keys.stats("job-seconds")}", phase .. ":count", 1)
+end
+local function kiln_count_finished(job, status, finished_at)
+  redis.call("HINCRBY", "{Keys.stats("jobs")}", status, 1)
+  local created = tonumber(redis.call("HGET", job, "created_at"))
+  local started = tonumber(redis.call("HGET", job, "started_at"))
+  if created then kiln_observe("total", finished_at - created) end
+  if started then
+    kiln_observe("run", finished_at - started)
+    if created then kiln_observe("queued", started - created) end
+  end
+end
+"""
+
 # KEYS: job, pending, tenant_jobs, tenant_active, sequence, idempotency ("" when none), queue list
 # ARGV: job id, tenant queue cap, idempotency ttl, priority score base, created_at, task message,
 #       then field/value pairs of the job hash
@@ -54,7 +82,9 @@ return status
 # KEYS: job, pending, running, tenant_active
 # ARGV: final status, finished_at, history ttl seconds, then field/value pairs
 # Returns 1 when the job was finished by this call, 0 when it had already finished.
-FINISH_JOB = """
+FINISH_JOB = (
+    _OBSERVE_FINISHED
+    + """
 local status = redis.call("HGET", KEYS[1], "status")
 if not status or status == "succeeded" or status == "failed" or status == "cancelled" then
   return 0
@@ -66,10 +96,12 @@ redis.call("HSET", KEYS[1], "status", ARGV[1], "finished_at", ARGV[2], unpack(fi
 redis.call("ZREM", KEYS[2], id)
 redis.call("SREM", KEYS[3], id)
 redis.call("SREM", KEYS[4], id)
+kiln_count_finished(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call("EXPIRE", KEYS[1], ttl) end
 return 1
 """
+)
 
 # KEYS: job, pending, running
 # ARGV: priority score base
@@ -88,7 +120,9 @@ return 1
 # KEYS: job, pending, running, tenant_active
 # ARGV: finished_at, history ttl seconds, error JSON
 # Returns "cancelled" (it was queued), "cancelling" (running: the worker is told), or the final status.
-CANCEL_JOB = """
+CANCEL_JOB = (
+    _OBSERVE_FINISHED
+    + """
 local status = redis.call("HGET", KEYS[1], "status")
 if not status then return "missing" end
 local id = redis.call("HGET", KEYS[1], "id")
@@ -97,6 +131,7 @@ if status == "queued" then
              "cancel_requested", "true")
   redis.call("ZREM", KEYS[2], id)
   redis.call("SREM", KEYS[4], id)
+  kiln_count_finished(KEYS[1], "cancelled", tonumber(ARGV[1]))
   local ttl = tonumber(ARGV[2])
   if ttl > 0 then redis.call("EXPIRE", KEYS[1], ttl) end
   return "cancelled"
@@ -106,6 +141,60 @@ if status == "running" then
   return "cancelling"
 end
 return status
+"""
+)
+
+# Moves one Celery task message between Redis lists (or within one), atomically: the message is
+# removed from the source and pushed to the target in one step, so it is never in two lists nor
+# in none (what LMOVE does for the ends of lists, for any message). A message that is no longer in
+# the source (a worker took it) is not moved.
+# KEYS: source list, target list, job hash
+# ARGV: job id; the message ("" = find it in the source by its job id); target queue name;
+#       where: "back" (runs last of its priority), "front" (runs first), "after" (runs right after
+#       the message of the pivot job, else back); pivot job id
+# Returns 1 when moved, 0 when the message was not found.
+MOVE_JOB = """
+local function job_of(message)
+  local ok, decoded = pcall(cjson.decode, message)
+  if ok and type(decoded) == "table" and type(decoded.headers) == "table" then
+    return decoded.headers.id
+  end
+  return nil
+end
+local function find(list, job_id)
+  for _, message in ipairs(redis.call("LRANGE", list, 0, -1)) do
+    if job_of(message) == job_id then return message end
+  end
+  return nil
+end
+local message = ARGV[2]
+if message == "" then
+  message = find(KEYS[1], ARGV[1])
+  if not message then return 0 end
+end
+if redis.call("LREM", KEYS[1], 1, message) == 0 then return 0 end
+local placed = 0
+if ARGV[4] == "front" then
+  placed = redis.call("RPUSH", KEYS[2], message)
+elseif ARGV[4] == "after" then
+  local pivot = find(KEYS[2], ARGV[5])
+  if pivot then placed = redis.call("LINSERT", KEYS[2], "BEFORE", pivot, message) end
+end
+if placed <= 0 then redis.call("LPUSH", KEYS[2], message) end
+if redis.call("EXISTS", KEYS[3]) == 1 then redis.call("HSET", KEYS[3], "queue", ARGV[3]) end
+return 1
+"""
+
+# Redelivers a message a dead worker took and never acknowledged: removed from kombu's unacked
+# hash and index and pushed to the front of its queue in one step (kombu's own restore does the
+# same after the visibility timeout; whichever comes first wins, the other finds nothing).
+# KEYS: unacked hash, unacked index, target list   ARGV: delivery tag, message
+# Returns 1 when redelivered, 0 when the message was no longer unacknowledged.
+REDELIVER_UNACKED = """
+if redis.call("HDEL", KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call("ZREM", KEYS[2], ARGV[1])
+redis.call("RPUSH", KEYS[3], ARGV[2])
+return 1
 """
 
 # KEYS: job   ARGV: progress JSON. Only a running job's progress is updated.

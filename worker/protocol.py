@@ -20,8 +20,47 @@ DEFAULT_QUEUE = "kiln.jobs"
 TASK_RUN_JOB = "kiln.run_job"
 
 
+WORKER_QUEUE_PREFIX = "kiln.worker."
+
+
 def worker_queue(worker_id: str) -> str:
-    return f"kiln.worker.{worker_id}"
+    return f"{WORKER_QUEUE_PREFIX}{worker_id}"
+
+
+def queue_worker(queue: str) -> str | None:
+    """The worker whose own queue this is; None for the shared queue (or any other)."""
+    return queue[len(WORKER_QUEUE_PREFIX) :] if queue.startswith(WORKER_QUEUE_PREFIX) else None
+
+
+# kombu's Redis transport keeps each message a worker took and has not acknowledged in this hash
+# (delivery tag -> JSON [message, exchange, routing key]), and its delivery time in this sorted
+# set; it redelivers one only after the visibility timeout. The gateway redelivers the running
+# job of a worker whose heartbeat is gone sooner (api/routing.py).
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+
+# An engine event a loader (or the model manager) emits after it loaded a model file; the worker
+# records it for its heartbeat and metrics and does not forward it to clients.
+# Data: {"model": "checkpoints/x.safetensors", "seconds": float, "hash": "sha256 hex" | None}.
+MODEL_LOADED_EVENT = "kiln_model_loaded"
+
+# Histogram buckets (seconds) of the job and model-load metrics kept in Redis (see Keys.stats).
+JOB_SECONDS_BUCKETS = ("0.5", "1", "2", "5", "10", "30", "60", "120", "300", "600", "1800")
+LOAD_SECONDS_BUCKETS = ("0.5", "1", "2", "5", "10", "20", "30", "60", "120")
+
+# The folders whose files count as models for routing, most significant first: the first of a
+# job's models found in this order is its "primary" model, the key of its job-time statistics.
+PRIMARY_MODEL_FOLDERS = ("checkpoints", "unet", "diffusion_models")
+
+
+def primary_model(models: list[str] | tuple[str, ...]) -> str:
+    """The model whose statistics stand for the job: its checkpoint (or diffusion model), else the
+    first model it names, else "" (a job that loads no model)."""
+    for folder in PRIMARY_MODEL_FOLDERS:
+        for model in models:
+            if model.startswith(f"{folder}/"):
+                return model
+    return min(models) if models else ""
 
 
 class JobStatus(StrEnum):
@@ -98,6 +137,30 @@ class Keys:
         return f"{PREFIX}:workers"
 
     @staticmethod
+    def worker_queues() -> str:
+        """Sorted set of per-worker queue names, scored by when each was last routed to or seen
+        alive: where the gateway's reaper looks for jobs stranded on dead workers."""
+        return f"{PREFIX}:worker-queues"
+
+    @staticmethod
+    def worker_config(worker_id: str) -> str:
+        """Hash: routing configuration of a worker (``pinned``, ``allow``: JSON lists), set through
+        the API or the gateway's settings; the worker reports it in its heartbeat."""
+        return f"{PREFIX}:worker-config:{worker_id}"
+
+    @staticmethod
+    def rebalance_lock() -> str:
+        """Short lease held by the one gateway that applies a rebalancing round."""
+        return f"{PREFIX}:rebalance-lock"
+
+    @staticmethod
+    def stats(name: str) -> str:
+        """Hashes of cluster-wide counters and histogram buckets that /metrics reports:
+        ``jobs`` (status -> count), ``job-seconds``, ``model-loads``, ``load-seconds``,
+        ``affinity`` (written atomically by the job scripts and by the workers)."""
+        return f"{PREFIX}:stats:{name}"
+
+    @staticmethod
     def inventory(folder: str) -> str:
         """Set of model file names available to the workers in a ComfyUI model folder."""
         return f"{PREFIX}:inventory:{folder}"
@@ -132,7 +195,7 @@ class Channels:
 
     @staticmethod
     def control(worker_id: str) -> str:
-        """Commands to one worker (cancel the running job)."""
+        """Commands to one worker: ``{"cancel": job_id}``, ``{"preload": model}``."""
         return f"{PREFIX}:control:{worker_id}"
 
 
@@ -189,7 +252,12 @@ class JobRecord(BaseModel):
     messages: list[Any] = Field(default_factory=list)
     error: JobError | None = None
     cancel_requested: bool = False
+    # Model files the prompt loads ("folder/name"), derived by the gateway for routing.
     models: list[str] = Field(default_factory=list)
+    # Where the task message was queued last (the shared queue or a worker's own queue).
+    queue: str | None = None
+    # Placement constraints from extra_data["kiln"]: {"worker": id} and/or {"gpu_class": name}.
+    pin: dict[str, str] = Field(default_factory=dict)
 
     def to_redis(self) -> dict[str, str]:
         """Hash fields: scalars as text, structures as JSON; None fields are left out."""
@@ -215,4 +283,4 @@ class JobRecord(BaseModel):
 
 
 # Fields stored as plain text in the hash; every other field is JSON.
-_TEXT_FIELDS = frozenset({"id", "tenant", "status", "client_id", "webhook", "worker"})
+_TEXT_FIELDS = frozenset({"id", "tenant", "status", "client_id", "webhook", "worker", "queue"})

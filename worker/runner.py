@@ -20,10 +20,12 @@ from worker.engine_host import (
     JobFailed,
     JobInterrupted,
 )
+from worker.heartbeat import WorkerStats
 from worker.jobstore import JobStore
-from worker.protocol import JobError, JobRecord, JobStatus, OutputRecord, Progress
+from worker.protocol import MODEL_LOADED_EVENT, JobError, JobRecord, JobStatus, OutputRecord, Progress
 from worker.settings import WorkerSettings
 from worker.storage import Storage, object_key
+from worker.webhooks import enqueue as enqueue_webhook
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,12 @@ class JobRunner:
     stopping: threading.Event = field(default_factory=threading.Event)
     aborting: threading.Event = field(default_factory=threading.Event)
     jobs_run: int = 0
+    # Job and load times, resident models: what the heartbeat reports for routing.
+    stats: WorkerStats = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.stats is None:
+            self.stats = WorkerStats(self.store.redis, self.settings.worker_id)
 
     def abort(self) -> None:
         """Stop the running job without failing it: it goes back to the queue (Celery cancels a job
@@ -91,10 +99,14 @@ class JobRunner:
         if job is None:
             return RunOutcome(job_id, "missing")
         if previous == "cancel":
-            self.store.finish(job, JobStatus.CANCELLED, error=JobError(type="cancelled", message="Cancelled"))
+            self._finish(job, JobStatus.CANCELLED, error=JobError(type="cancelled", message="Cancelled"))
             return RunOutcome(job_id, JobStatus.CANCELLED.value)
         if previous not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
             log.info("Job %s is already %s; nothing to do", job_id, previous)
+            if job.webhook and job.status.finished:
+                # Cancelled by the gateway while queued (no worker finished it), or finished by a
+                # worker that died before queueing the webhook: queue it now (once per job).
+                enqueue_webhook(self.store.redis, job, job.status)
             return RunOutcome(job_id, previous)
         if previous == JobStatus.RUNNING.value:
             log.warning(
@@ -103,11 +115,13 @@ class JobRunner:
         self.current_job = job_id
         self.cancel_event.clear()
         self.aborting.clear()
+        self.stats.job_started(job_id, job.models, self._host_pid())
+        status = JobStatus.FAILED
         try:
             status = self._run_attempts(job)
         except Exception as exc:  # storage outage after retries, or a bug: the job fails visibly
             log.exception("Job %s failed outside the engine", job_id)
-            self.store.finish(job, JobStatus.FAILED, error=JobError(type="internal_error", message=str(exc)))
+            self._finish(job, JobStatus.FAILED, error=JobError(type="internal_error", message=str(exc)))
             status = JobStatus.FAILED
         except BaseException:
             # The worker is shutting down mid-job: put the job back for another worker.
@@ -116,6 +130,7 @@ class JobRunner:
             raise
         finally:
             self.current_job = None
+            self.stats.job_finished(job_id, status == JobStatus.SUCCEEDED)
         self.jobs_run += 1
         seconds = time.monotonic() - started
         return RunOutcome(job_id, status.value, job.attempts, seconds)
@@ -156,7 +171,7 @@ class JobRunner:
             except JobInterrupted as exc:
                 if self.aborting.is_set():
                     raise WorkerStopping(job.id) from exc
-                self.store.finish(
+                self._finish(
                     job,
                     JobStatus.CANCELLED,
                     error=JobError(type="cancelled", message="Cancelled while running"),
@@ -172,9 +187,16 @@ class JobRunner:
                 return self._record_failure(job, exc, messages)
             return self._succeed(job, result, messages)
 
+    def _finish(self, job: JobRecord, status: JobStatus, **fields: Any) -> bool:
+        """Record the final state; the job's webhook (if any) is queued once the state is final."""
+        done = self.store.finish(job, status, **fields)
+        if done and job.webhook:
+            enqueue_webhook(self.store.redis, job, status)
+        return done
+
     def _record_failure(self, job: JobRecord, exc: JobFailed, messages: list[Any]) -> JobStatus:
         error = exc.error
-        self.store.finish(
+        self._finish(
             job,
             JobStatus.FAILED,
             error=JobError(
@@ -189,9 +211,7 @@ class JobRunner:
         return JobStatus.FAILED
 
     def _fail(self, job: JobRecord, type_: str, message: str, messages: list[Any]) -> JobStatus:
-        self.store.finish(
-            job, JobStatus.FAILED, error=JobError(type=type_, message=message), messages=messages
-        )
+        self._finish(job, JobStatus.FAILED, error=JobError(type=type_, message=message), messages=messages)
         return JobStatus.FAILED
 
     def _succeed(self, job: JobRecord, result: HostResult, messages: list[Any]) -> JobStatus:
@@ -213,12 +233,21 @@ class JobRunner:
                     sha256=stored.sha256,
                 )
             )
-        self.store.finish(
-            job, JobStatus.SUCCEEDED, outputs=outputs, history=result.outputs, messages=messages
-        )
+        self._finish(job, JobStatus.SUCCEEDED, outputs=outputs, history=result.outputs, messages=messages)
         return JobStatus.SUCCEEDED
 
+    def _host_pid(self) -> int | None:
+        try:
+            return self.host.pid
+        except Exception:  # a host being replaced
+            return None
+
     def _on_event(self, job: JobRecord, event: str, data: dict[str, Any], messages: list[Any]) -> None:
+        if event == MODEL_LOADED_EVENT:  # for the heartbeat and metrics, not for clients
+            self.stats.model_loaded(
+                str(data["model"]), float(data.get("seconds") or 0.0), data.get("hash"), self._host_pid()
+            )
+            return
         if event in STATUS_MESSAGES:
             messages.append([event, data])
         if event == "progress":

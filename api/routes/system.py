@@ -3,22 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mimetypes
 import platform
 import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from pydantic import BaseModel, Field
 
 from api.deps import State, Tenant
-from api.errors import NotFound
-from worker.protocol import Keys
+from api.errors import ApiError, NotFound
+from api.state import GatewayState
+from worker.protocol import JOB_SECONDS_BUCKETS, LOAD_SECONDS_BUCKETS, Keys
 from worker.storage import FileStorage, ObjectNotFound
 
-router = APIRouter(tags=["system"])
+
+@asynccontextmanager
+async def rebalancing(app: FastAPI) -> AsyncIterator[None]:
+    """Runs the routing service's rebalancing loop for the app's lifetime (inside the app's own
+    lifespan, which builds the state and closes Redis after this ends)."""
+    state: GatewayState = app.state.kiln
+    stop = asyncio.Event()
+    task = asyncio.create_task(state.router.run(stop), name="kiln-rebalance")
+    try:
+        yield
+    finally:
+        # A stop flag, not a cancel: the loop ends after its current round, whatever the Redis
+        # client does with cancellations.
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, 10)
+
+
+router = APIRouter(tags=["system"], lifespan=rebalancing)
+
+
+class Forbidden(ApiError):
+    """Raised when a tenant may not change the cluster's configuration."""
+
+    status = 403
+    type = "forbidden"
 
 
 @router.get("/healthz")
@@ -46,7 +77,104 @@ async def readyz(state: State) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """The gateway's own metrics, then the cluster's, read from Redis now (see docs/routing.md)."""
+    cluster = CollectorRegistry(auto_describe=False)
+    cluster.register(ClusterCollector(await cluster_figures(state)))
+    body = generate_latest(state.metrics.registry) + generate_latest(cluster)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+async def cluster_figures(state: State) -> dict[str, Any]:
+    """Counters the job scripts and the workers keep in Redis, queue depths, and heartbeats."""
+    snapshot = await state.router.snapshot()
+    async with state.redis.pipeline(transaction=False) as pipe:
+        for name in ("jobs", "job-seconds", "model-loads", "load-seconds", "affinity"):
+            pipe.hgetall(Keys.stats(name))
+        rows = await pipe.execute()
+    names = ("jobs", "job-seconds", "model-loads", "load-seconds", "affinity")
+    stats = {
+        name: {k.decode(): float(v) for k, v in row.items()} for name, row in zip(names, rows, strict=True)
+    }
+    return {"stats": stats, "depths": snapshot.depths, "heartbeats": snapshot.heartbeats}
+
+
+class ClusterCollector:
+    """Prometheus families built from one read of Redis (a fresh collector per scrape)."""
+
+    def __init__(self, figures: dict[str, Any]) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.figures["stats"]
+        jobs = CounterMetricFamily("kiln_jobs", "Jobs finished, by final status", labels=["status"])
+        for status, count in sorted(stats["jobs"].items()):
+            jobs.add_metric([status], count)
+        yield jobs
+        seconds = HistogramMetricFamily(
+            "kiln_job_seconds",
+            "Job seconds by phase: queued (submit to start), run (start to finish), total",
+            labels=["phase"],
+        )
+        for phase in ("queued", "run", "total"):
+            buckets = _buckets(stats["job-seconds"], f"{phase}:", JOB_SECONDS_BUCKETS)
+            total = stats["job-seconds"].get(f"{phase}:sum", 0.0)
+            seconds.add_metric([phase], buckets, total)
+        yield seconds
+        loads = CounterMetricFamily(
+            "kiln_model_loads", "Model loads measured by the workers", labels=["model", "worker"]
+        )
+        for field_name, count in sorted(stats["model-loads"].items()):
+            worker, model = json.loads(field_name)
+            loads.add_metric([model, worker], count)
+        yield loads
+        load_seconds = HistogramMetricFamily("kiln_model_load_seconds", "Seconds each model load took")
+        load_seconds.add_metric(
+            [],
+            _buckets(stats["load-seconds"], "", LOAD_SECONDS_BUCKETS),
+            stats["load-seconds"].get("sum", 0.0),
+        )
+        yield load_seconds
+        hits = CounterMetricFamily(
+            "kiln_affinity_hits",
+            "Jobs that found every model they needed resident on their worker",
+            labels=["worker"],
+        )
+        misses = CounterMetricFamily(
+            "kiln_affinity_misses", "Jobs that had to load at least one model", labels=["worker"]
+        )
+        for field_name, count in sorted(stats["affinity"].items()):
+            kind, worker = field_name.split(":", 1)
+            (hits if kind == "hit" else misses).add_metric([worker], count)
+        yield hits
+        yield misses
+        depth = GaugeMetricFamily("kiln_queue_depth", "Task messages waiting, by queue", labels=["queue"])
+        for queue, count in sorted(self.figures["depths"].items()):
+            depth.add_metric([queue], count)
+        yield depth
+        memory = GaugeMetricFamily(
+            "kiln_gpu_memory_bytes",
+            "Device memory of live workers (kind: total, free)",
+            labels=["worker", "kind"],
+        )
+        live = GaugeMetricFamily("kiln_workers_live", "Workers whose heartbeat has not expired")
+        live.add_metric([], len(self.figures["heartbeats"]))
+        for worker_id, beat in sorted(self.figures["heartbeats"].items()):
+            for kind in ("total", "free"):
+                value = beat.get(f"memory_{kind}")
+                if value is not None:
+                    memory.add_metric([worker_id, kind], float(value))
+        yield memory
+        yield live
+
+
+def _buckets(table: dict[str, float], prefix: str, bounds: tuple[str, ...]) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets from per-bucket counts stored as ``<prefix><le>``."""
+    running = 0.0
+    buckets = []
+    for bound in (*bounds, "+Inf"):
+        running += table.get(f"{prefix}{bound}", 0.0)
+        buckets.append((bound, running))
+    return buckets
 
 
 async def worker_heartbeats(state: State) -> list[dict[str, Any]]:
@@ -67,7 +195,29 @@ async def worker_heartbeats(state: State) -> list[dict[str, Any]]:
 
 @router.get("/v1/workers")
 async def workers(state: State, tenant: Tenant) -> dict[str, Any]:
-    return {"workers": await worker_heartbeats(state)}
+    """The live pool: each worker's heartbeat (GPU, memory, resident models, queue, running job,
+    job and load time averages) and its routing config (pinned models, allow-list)."""
+    beats = await worker_heartbeats(state)
+    for beat in beats:
+        beat["config"] = await state.router.worker_config(beat["id"])
+    return {"workers": beats}
+
+
+class WorkerConfig(BaseModel):
+    """``PUT /v1/workers/{id}/config``: models kept resident, and the models it may load."""
+
+    pinned: list[str] | None = Field(None, description='Models kept resident ("checkpoints/x.safetensors")')
+    allow: list[str] | None = Field(None, description="fnmatch patterns of models it may load; [] = any")
+
+
+@router.put("/v1/workers/{worker_id}/config")
+async def set_worker_config(
+    worker_id: str, body: WorkerConfig, state: State, tenant: Tenant
+) -> dict[str, Any]:
+    if not (state.settings.insecure or tenant in state.router.settings.routing_admin_tenants):
+        raise Forbidden("Only routing admin tenants (KILN_ROUTING_ADMIN_TENANTS) may change worker config")
+    config = await state.router.set_worker_config(worker_id, pinned=body.pinned, allow=body.allow)
+    return {"id": worker_id, "config": config}
 
 
 @router.get("/system_stats")

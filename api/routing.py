@@ -1,0 +1,1070 @@
+"""Model-affinity routing across the worker pool.
+
+Two halves:
+
+* **Decisions** (``Router``, the ``*View`` classes, ``Route``/``Move``/``Preload``): plain Python,
+  no I/O, no clock, no randomness. They take a ``PoolView`` (what the heartbeats and the queues
+  say) and ``now``, and answer where a job should go (``Router.route``) and which queued jobs
+  should move or which models should be preloaded (``Router.plan``). ``bench/routing_sim.py``
+  drives exactly this code with simulated workers.
+* **The gateway's adapter** (``RoutingService``, at the bottom): reads heartbeats and queues from
+  Redis into a ``PoolView``, asks the router, and applies its answers with atomic scripts (a task
+  message is moved between Redis lists with ``worker.lua.MOVE_MESSAGE``: removed from one list and
+  pushed onto the other in one step, so it is never in two lists or in none).
+
+The cost model (see docs/routing.md): a worker runs its queue in order (priority step, then first
+in first out), each job taking its measured job time, plus the measured load time of every model
+the job needs that is not resident at that point of the queue. The expected completion time of a
+job on a worker is where that timeline ends once the job is placed in it; the router picks the
+eligible worker where it is earliest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.celery_wire import DEFAULT_PRIORITY, MAX_PRIORITY, PRIORITY_STEPS, redis_list_for
+from worker.protocol import (
+    DEFAULT_QUEUE,
+    KOMBU_UNACKED,
+    KOMBU_UNACKED_INDEX,
+    Channels,
+    Keys,
+    primary_model,
+    queue_worker,
+    worker_queue,
+)
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from api.state import Metrics
+    from worker.protocol import JobRecord
+
+log = logging.getLogger(__name__)
+
+
+# == decisions ===================================================================================
+
+
+def priority_step(priority: int) -> int:
+    """The kombu priority list a Kiln priority lands in (0 is consumed first)."""
+    kombu_priority = MAX_PRIORITY - max(0, min(MAX_PRIORITY, priority))
+    return max(step for step in PRIORITY_STEPS if step <= kombu_priority)
+
+
+def ema(previous: float | None, sample: float, alpha: float = 0.2) -> float:
+    """Exponential moving average; the first sample starts it."""
+    return sample if previous is None else previous + alpha * (sample - previous)
+
+
+def gpu_class_matches(wanted: str, gpu_class: str) -> bool:
+    """A pin like ``"h100"`` matches a worker whose class is ``"nvidia-h100-80gb-hbm3"``."""
+    return wanted.strip().lower() in gpu_class.lower()
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What routing knows of a job: the models it loads, its priority, its placement pins."""
+
+    id: str
+    models: tuple[str, ...] = ()
+    priority: int = DEFAULT_PRIORITY
+    created_at: float = 0.0
+    pin_worker: str | None = None
+    pin_gpu_class: str | None = None
+    # Cancelled or expired while its message still waits: runs in no time, loads nothing.
+    stale: bool = False
+    # The job-time statistics key (its primary model) and its priority step, derived.
+    key: str = field(init=False, compare=False)
+    step: int = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", primary_model(self.models))
+        object.__setattr__(self, "step", priority_step(self.priority))
+
+
+@dataclass
+class RunningView:
+    job: JobView
+    started_at: float
+    # Models the job had to load when it started (they were not resident).
+    cold: tuple[str, ...] = ()
+
+
+@dataclass
+class WorkerView:
+    """One worker as its heartbeat and its queue describe it."""
+
+    id: str
+    live: bool = True
+    # Resident models, least recently used first.
+    resident: list[str] = field(default_factory=list)
+    # How many models fit at once (None: no limit known, nothing is predicted to be evicted).
+    slots: int | None = None
+    pinned: frozenset[str] = frozenset()
+    # Model name patterns (fnmatch) this worker may load; None allows every model.
+    allow: tuple[str, ...] | None = None
+    gpu_class: str = ""
+    running: RunningView | None = None
+    # Queued jobs in the order the worker will run them.
+    queue: list[JobView] = field(default_factory=list)
+    # Moving averages measured by the worker: job seconds by primary model, load seconds by model.
+    job_seconds: dict[str, float] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)
+    # Models being preloaded -> when they will be resident.
+    loading: dict[str, float] = field(default_factory=dict)
+    # Preloads asked for and not yet done (not sent again).
+    preload_requested: frozenset[str] = frozenset()
+
+    def allows(self, model: str) -> bool:
+        return self.allow is None or any(fnmatchcase(model, pattern) for pattern in self.allow)
+
+    def can_run(self, job: JobView) -> bool:
+        if not self.live:
+            return False
+        if job.pin_worker is not None and job.pin_worker != self.id:
+            return False
+        if job.pin_gpu_class is not None and not gpu_class_matches(job.pin_gpu_class, self.gpu_class):
+            return False
+        return all(self.allows(model) for model in job.models)
+
+    def insert_position(self, job: JobView) -> int:
+        """Where ``job`` lands in the run order: after every queued job of its priority step or a
+        more urgent one (kombu consumes the more urgent lists first, each first in first out)."""
+        position = len(self.queue)
+        while position > 0 and self.queue[position - 1].step > job.step:
+            position -= 1
+        return position
+
+    def copy(self) -> WorkerView:
+        return replace(self, resident=list(self.resident), queue=list(self.queue), loading=dict(self.loading))
+
+
+@dataclass
+class PoolView:
+    workers: dict[str, WorkerView] = field(default_factory=dict)
+    # Jobs waiting in the shared queue, in run order.
+    shared: list[JobView] = field(default_factory=list)
+
+    def live(self) -> list[WorkerView]:
+        return [w for w in self.workers.values() if w.live]
+
+    def copy(self) -> PoolView:
+        return PoolView({k: w.copy() for k, w in self.workers.items()}, list(self.shared))
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """The router's knobs. Defaults are what the simulation was tuned with (docs/routing.md)."""
+
+    # Used until a worker has measured a model: job seconds and load seconds.
+    default_job_s: float = 5.0
+    default_load_s: float = 10.0
+    # Batching: a new job may be placed right after a queued job that uses its model, ahead of
+    # jobs queued behind that one, but never ahead of a job of its priority that has waited
+    # this long (the bound on unfairness) ...
+    overtake_age_s: float = 60.0
+    # ... and delaying a queued job costs (1 + its age / age_tau_s) x the delay (cost inflation).
+    age_tau_s: float = 10.0
+    # A queued job moves to a soon-idle worker when it finishes at least this much sooner there,
+    steal_min_gain_s: float = 1.0
+    # and the gain is at least this multiple of the load seconds the move causes.
+    steal_load_ratio: float = 1.0
+    # "Soon idle": the worker's timeline ends within this many seconds.
+    steal_horizon_s: float = 0.5
+    # Preload a model on an idle worker when at least this many queued jobs need it and a new
+    # job for it would otherwise finish later than a load there.
+    preload_min_backlog: int = 3
+    # Demand (arrivals per second by model) decays with this time constant.
+    demand_tau_s: float = 120.0
+    # Weight of the expected reload seconds of the models a placement evicts ...
+    eviction_weight: float = 1.0
+    # ... counting a reload when the evicted model is wanted again within this horizon.
+    eviction_horizon_s: float = 5.0
+    # GPU time spent loading delays the work that arrives after it: a load (and an expected
+    # reload) also costs its seconds x this weight x rho / (1 - rho), rho being the pool's
+    # offered utilisation (arrivals x job seconds / workers, capped at max_rho).
+    load_pressure_weight: float = 1.0
+    max_rho: float = 0.95
+
+
+@dataclass(frozen=True)
+class Route:
+    worker: str | None
+    # warm | cold | pinned: a worker was chosen; no_workers: the shared queue;
+    # no_eligible: live workers exist but none may run the job.
+    reason: str
+    expected_finish: float | None = None
+    cold_models: tuple[str, ...] = ()
+    # Where in the worker's run order: ``position`` is the index the job takes in
+    # ``WorkerView.queue``; ``after`` the id of the queued job it runs right after when that job
+    # has the same priority (None: first of its priority, or last when ``position`` is the end).
+    position: int | None = None
+    after: str | None = None
+    back: bool = True
+
+
+@dataclass(frozen=True)
+class Move:
+    job: JobView
+    source: str | None  # worker id; None: the shared queue
+    target: str
+    reason: str  # reap | shared | steal
+
+
+@dataclass(frozen=True)
+class Preload:
+    worker: str
+    model: str
+    reason: str  # pinned | backlog
+
+
+class Estimates:
+    """Job and load seconds for a worker: its own measurement, else the pool's mean, else the
+    policy's default."""
+
+    def __init__(self, pool: PoolView, policy: RoutingPolicy) -> None:
+        self.policy = policy
+        self.pool_job = _means(w.job_seconds for w in pool.workers.values())
+        self.pool_load = _means(w.load_seconds for w in pool.workers.values())
+
+    def job_s(self, worker: WorkerView, job: JobView) -> float:
+        if job.stale:
+            return 0.0
+        key = job.key
+        found = worker.job_seconds.get(key)
+        if found is None:
+            found = self.pool_job.get(key, self.policy.default_job_s)
+        return found
+
+    def load_s(self, worker: WorkerView, model: str) -> float:
+        found = worker.load_seconds.get(model)
+        if found is None:
+            found = self.pool_load.get(model, self.policy.default_load_s)
+        return found
+
+
+def _means(tables: Iterable[dict[str, float]]) -> dict[str, float]:
+    sums: dict[str, list[float]] = {}
+    for table in tables:
+        for key, value in table.items():
+            sums.setdefault(key, []).append(value)
+    return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+def touch(resident: list[str], models: Iterable[str], slots: int | None, pinned: frozenset[str]) -> list[str]:
+    """Resident models after using ``models`` (least recently used first; evicts past ``slots``,
+    never a pinned model nor one just used)."""
+    used = list(models)
+    if not used:
+        return resident
+    after = [m for m in resident if m not in used] + used
+    if slots is not None:
+        while len(after) > slots:
+            victim = next((m for m in after if m not in pinned and m not in used), None)
+            if victim is None:
+                break
+            after.remove(victim)
+    return after
+
+
+@dataclass
+class Timeline:
+    """A worker's predicted future: when each queued job finishes, when the worker is free, and
+    what is resident before each queued job (``resident_before[i]``) and at the end."""
+
+    start: float
+    free_at: float
+    resident: list[str]
+    finishes: list[float]
+    resident_before: list[list[str]]
+
+
+def timeline(worker: WorkerView, now: float, est: Estimates) -> Timeline:
+    """Run the worker's queue forward from ``now``."""
+    t = now
+    resident = list(worker.resident)
+    for model, ready_at in worker.loading.items():
+        t = max(t, ready_at)
+        resident = touch(resident, [model], worker.slots, worker.pinned)
+    running = worker.running
+    if running is not None:
+        expected = sum(est.load_s(worker, m) for m in running.cold) + est.job_s(worker, running.job)
+        t = max(t, running.started_at + expected)
+        resident = touch(resident, running.job.models, worker.slots, worker.pinned)
+    return _advance(worker, t, resident, worker.queue, est)
+
+
+def _advance(
+    worker: WorkerView, t: float, resident: list[str], jobs: Iterable[JobView], est: Estimates
+) -> Timeline:
+    start = t
+    finishes = []
+    before = []
+    for job in jobs:
+        before.append(resident)
+        t += _cost(worker, job, resident, est)
+        resident = touch(resident, job.models, worker.slots, worker.pinned)
+        finishes.append(t)
+    return Timeline(start, t, resident, finishes, before)
+
+
+def _cost(worker: WorkerView, job: JobView, resident: list[str], est: Estimates) -> float:
+    if job.stale:
+        return 0.0
+    loads = sum(est.load_s(worker, m) for m in job.models if m not in resident)
+    return loads + est.job_s(worker, job)
+
+
+class Demand:
+    """Arrivals per second by model, exponentially decayed (the router's only memory)."""
+
+    def __init__(self, tau_s: float) -> None:
+        self.tau_s = tau_s
+        self._level: dict[str, float] = {}
+        self._at: dict[str, float] = {}
+
+    def record(self, models: Iterable[str], now: float) -> None:
+        for model in models:
+            self._level[model] = self.rate(model, now) * self.tau_s + 1.0
+            self._at[model] = now
+
+    def models(self) -> list[str]:
+        return list(self._level)
+
+    def rate(self, model: str, now: float) -> float:
+        level = self._level.get(model)
+        if level is None:
+            return 0.0
+        return level * math.exp(-max(0.0, now - self._at[model]) / self.tau_s) / self.tau_s
+
+
+@dataclass(frozen=True)
+class _Placement:
+    score: float
+    finish: float
+    position: int
+    cold: tuple[str, ...]
+
+
+class Router:
+    """Routes jobs and plans rebalancing. Its only state is a decayed estimate of demand."""
+
+    def __init__(self, policy: RoutingPolicy | None = None) -> None:
+        self.policy = policy or RoutingPolicy()
+        self.demand = Demand(self.policy.demand_tau_s)
+        self.arrivals = Demand(self.policy.demand_tau_s)
+
+    # -- routing one job -------------------------------------------------------------------------
+
+    def route(self, job: JobView, pool: PoolView, now: float) -> Route:
+        """Where a new job goes (worker and place in its run order). Records its models' demand."""
+        self.demand.record(job.models, now)
+        self.arrivals.record([job.key], now)
+        return self._choose(job, pool, now, Estimates(pool, self.policy))
+
+    def _choose(self, job: JobView, pool: PoolView, now: float, est: Estimates, batch: bool = True) -> Route:
+        live = pool.live()
+        pinned = job.pin_worker is not None or job.pin_gpu_class is not None
+        if not live and not pinned:
+            return Route(None, "no_workers")
+        candidates = [w for w in live if w.can_run(job)]
+        if not candidates:
+            return Route(None, "no_eligible")
+        copies = self._copies(live)
+        pressure = self.policy.load_pressure_weight * self._pressure(live, now, est)
+        best: tuple[tuple[float, int, str], WorkerView, _Placement] | None = None
+        for worker in candidates:
+            placement = self._best_placement(worker, job, now, est, copies, batch, pressure)
+            key = (placement.score, len(worker.queue), worker.id)
+            if best is None or key < best[0]:
+                best = (key, worker, placement)
+        assert best is not None
+        _, worker, placement = best
+        reason = "pinned" if job.pin_worker else ("cold" if placement.cold else "warm")
+        end = worker.insert_position(job)
+        position = placement.position
+        previous = worker.queue[position - 1] if position > 0 else None
+        after = previous.id if previous is not None and previous.step == job.step else None
+        return Route(worker.id, reason, placement.finish, placement.cold, position, after, position == end)
+
+    def _best_placement(
+        self,
+        worker: WorkerView,
+        job: JobView,
+        now: float,
+        est: Estimates,
+        copies: dict[str, int],
+        batch: bool,
+        pressure: float = 0.0,
+    ) -> _Placement:
+        """The cheapest place for ``job`` in ``worker``'s run order.
+
+        Places tried: the end of its priority (first in first out), and, to batch loads, right
+        after each queued job of its priority that uses one of its models, or first of its
+        priority when its models will be resident then. A place ahead of a job of its priority
+        older than ``overtake_age_s`` is not allowed. The score is the job's own expected time
+        to finish, plus the delay it causes every job behind it (inflated by their age), plus the
+        expected reload cost of what it evicts."""
+        queue = worker.queue
+        end = worker.insert_position(job)
+        first = end
+        while first > 0 and queue[first - 1].step == job.step:
+            first -= 1
+        base = timeline(worker, now, est)
+        positions = {end}
+        if batch and job.models:
+            # The oldest same-priority job that may still be overtaken bounds how early we go.
+            limit = first
+            for index in range(end - 1, first - 1, -1):
+                if now - queue[index].created_at >= self.policy.overtake_age_s:
+                    limit = index + 1
+                    break
+            for index in range(limit, end):
+                if any(m in queue[index].models for m in job.models):
+                    positions.add(index + 1)
+            if all(m in base.resident_before[limit] for m in job.models) if limit < end else False:
+                positions.add(limit)
+        best: _Placement | None = None
+        for position in sorted(positions):
+            t0 = base.finishes[position - 1] if position > 0 else base.start
+            resident = base.resident_before[position] if position < len(queue) else base.resident
+            line = _advance(worker, t0, resident, itertools.chain((job,), queue[position:]), est)
+            finish = line.finishes[0]
+            delay = 0.0
+            for index in range(position, len(queue)):
+                slip = line.finishes[index - position + 1] - base.finishes[index]
+                age = max(0.0, now - queue[index].created_at)
+                delay += slip * (1.0 + age / self.policy.age_tau_s)
+            after = touch(resident, job.models, worker.slots, worker.pinned)
+            evicted = [m for m in resident if m not in after]
+            penalty = self._eviction_cost(evicted, worker, copies, now, est)
+            cold = tuple(m for m in job.models if m not in resident)
+            loads = sum(est.load_s(worker, m) for m in cold)
+            score = (
+                (finish - now) + delay + self.policy.eviction_weight * penalty + (penalty + loads) * pressure
+            )
+            if best is None or score < best.score:
+                best = _Placement(score, finish, position, cold)
+        assert best is not None
+        return best
+
+    def utilisation(self, live: list[WorkerView], now: float, est: Estimates) -> float:
+        """The pool's offered utilisation: recent arrivals x their job seconds per live worker
+        (what the GPUs would be busy with if no job had to load a model)."""
+        if not live:
+            return 0.0
+        reference = live[0]
+        work = sum(
+            self.arrivals.rate(key, now) * est.job_s(reference, JobView(id="", models=(key,) if key else ()))
+            for key in self.arrivals.models()
+        )
+        return work / len(live)
+
+    def _pressure(self, live: list[WorkerView], now: float, est: Estimates) -> float:
+        rho = min(self.policy.max_rho, self.utilisation(live, now, est))
+        return rho / (1.0 - rho)
+
+    def _copies(self, live: list[WorkerView]) -> dict[str, int]:
+        copies: dict[str, int] = {}
+        for worker in live:
+            for model in worker.resident:
+                copies[model] = copies.get(model, 0) + 1
+        return copies
+
+    def _eviction_cost(
+        self, evicted: list[str], worker: WorkerView, copies: dict[str, int], now: float, est: Estimates
+    ) -> float:
+        """Expected reload seconds caused by evicting ``evicted``: a model wanted ``rate`` times a
+        second is wanted again within one load time with probability ~ rate x load; copies on
+        other workers share that need."""
+        cost = 0.0
+        for model in evicted:
+            load = est.load_s(worker, model)
+            wanted = self.demand.rate(model, now) * self.policy.eviction_horizon_s
+            cost += load * wanted / max(1, copies.get(model, 1))
+        return cost
+
+    # -- rebalancing -----------------------------------------------------------------------------
+
+    def plan(self, pool: PoolView, now: float) -> list[Move | Preload]:
+        """Moves and preloads for this moment: reap the queues of dead workers and the shared
+        queue, let soon-idle workers steal jobs that finish sooner there, preload models.
+
+        Moved jobs go to the end of their priority in the target queue (never ahead of anyone)."""
+        pool = pool.copy()
+        est = Estimates(pool, self.policy)
+        live = pool.live()
+        if not live:
+            return []
+        actions: list[Move | Preload] = []
+        for dead in [w for w in pool.workers.values() if not w.live and w.queue]:
+            for job in list(dead.queue):
+                if job.pin_worker == dead.id:
+                    continue  # waits for its worker to come back
+                route = self._choose(job, pool, now, est, batch=False)
+                if route.worker is not None:
+                    dead.queue.remove(job)
+                    self._append(pool.workers[route.worker], job)
+                    actions.append(Move(job, dead.id, route.worker, "reap"))
+        for job in list(pool.shared):
+            route = self._choose(job, pool, now, est, batch=False)
+            if route.worker is not None:
+                pool.shared.remove(job)
+                self._append(pool.workers[route.worker], job)
+                actions.append(Move(job, None, route.worker, "shared"))
+        actions.extend(self._steals(pool, live, now, est))
+        actions.extend(self._preloads(pool, live, now, est))
+        return actions
+
+    @staticmethod
+    def _append(worker: WorkerView, job: JobView) -> None:
+        worker.queue.insert(worker.insert_position(job), job)
+
+    def _steals(self, pool: PoolView, live: list[WorkerView], now: float, est: Estimates) -> list[Move]:
+        moves: list[Move] = []
+        timelines = {w.id: timeline(w, now, est) for w in live}
+        copies = self._copies(live)
+        pressure = self.policy.load_pressure_weight * self._pressure(live, now, est)
+        for thief in sorted(live, key=lambda w: (timelines[w.id].free_at, w.id)):
+            mine = timelines[thief.id]
+            if mine.free_at > now + self.policy.steal_horizon_s:
+                continue
+            start = max(now, mine.free_at)
+            best: tuple[tuple[float, float], WorkerView, JobView] | None = None
+            for victim in live:
+                if victim is thief or not victim.queue:
+                    continue
+                finishes = timelines[victim.id].finishes
+                for index, job in enumerate(victim.queue):
+                    if job.pin_worker is not None or not thief.can_run(job):
+                        continue
+                    cold = [m for m in job.models if m not in mine.resident]
+                    loads = sum(est.load_s(thief, m) for m in cold)
+                    gain = finishes[index] - (start + loads + est.job_s(thief, job))
+                    if gain < self.policy.steal_min_gain_s:
+                        continue
+                    if cold:
+                        # A cold steal pays for its loads and what they evict, as a placement does.
+                        after = touch(mine.resident, job.models, thief.slots, thief.pinned)
+                        evicted = [m for m in mine.resident if m not in after]
+                        penalty = self._eviction_cost(evicted, thief, copies, now, est)
+                        cost = self.policy.eviction_weight * penalty + (penalty + loads) * pressure
+                        if gain < self.policy.steal_load_ratio * loads + cost:
+                            continue
+                    key = (float(job.step), -gain)  # the most urgent priority, then the largest gain
+                    if best is None or key < best[0]:
+                        best = (key, victim, job)
+            if best is None:
+                continue
+            _, victim, job = best
+            victim.queue.remove(job)
+            self._append(thief, job)
+            moves.append(Move(job, victim.id, thief.id, "steal"))
+            timelines[victim.id] = timeline(victim, now, est)
+            timelines[thief.id] = timeline(thief, now, est)
+        return moves
+
+    def _preloads(self, pool: PoolView, live: list[WorkerView], now: float, est: Estimates) -> list[Preload]:
+        preloads: list[Preload] = []
+        backlog: dict[str, int] = {}
+        for worker in pool.workers.values():
+            for job in worker.queue:
+                for model in job.models:
+                    backlog[model] = backlog.get(model, 0) + 1
+        copies = self._copies(live)
+        pressure = self.policy.load_pressure_weight * self._pressure(live, now, est)
+        for worker in live:
+            if worker.queue or worker.running is not None or worker.loading:
+                continue
+            waiting = set(worker.resident) | set(worker.loading) | set(worker.preload_requested)
+            pinned = sorted(m for m in worker.pinned if m not in waiting)
+            if pinned:
+                preloads.append(Preload(worker.id, pinned[0], "pinned"))
+                continue
+            ranked = sorted(
+                (-count, model)
+                for model, count in backlog.items()
+                if count >= self.policy.preload_min_backlog and model not in waiting and worker.allows(model)
+            )
+            for _, model in ranked:
+                after = touch(worker.resident, [model], worker.slots, worker.pinned)
+                evicted = [m for m in worker.resident if m not in after]
+                if any(backlog.get(m) for m in evicted):
+                    continue  # it would evict a model that queued jobs still need
+                penalty = self._eviction_cost(evicted, worker, copies, now, est)
+                probe = JobView(id="", models=(model,), created_at=now)
+                others = [w for w in live if w is not worker and w.can_run(probe)]
+                # What a new job for the model would cost elsewhere (its wait and the delay it
+                # causes), against a load and the job here.
+                elsewhere = min(
+                    (self._best_placement(w, probe, now, est, copies, True).score for w in others),
+                    default=math.inf,
+                )
+                load = est.load_s(worker, model)
+                cost = load + est.job_s(worker, probe) + self.policy.eviction_weight * penalty
+                if elsewhere > cost + (penalty + load) * pressure:
+                    preloads.append(Preload(worker.id, model, "backlog"))
+                    break
+        return preloads
+
+
+# == the gateway's adapter ======================================================================
+
+
+class RoutingSettings(BaseSettings):
+    """Routing settings: ``KILN_*`` environment or the config file's ``routing`` section."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+
+    rebalance_interval_s: float = Field(
+        0.5, ge=0, description="Seconds between rebalancing rounds (steal, reap, preload); 0 disables."
+    )
+    pool_max_age_s: float = Field(1.0, gt=0, description="Oldest pool snapshot a routing decision uses.")
+    pinned_models: dict[str, list[str]] = Field(
+        default_factory=dict, description='Worker id -> models kept resident: {"gpu-0": ["checkpoints/a"]}.'
+    )
+    model_allow_lists: dict[str, list[str]] = Field(
+        default_factory=dict, description="Worker id -> model name patterns it may load (fnmatch)."
+    )
+    routing_admin_tenants: list[str] = Field(
+        default_factory=list, description="Tenants allowed to change pins and allow-lists through the API."
+    )
+    default_job_s: float = Field(5.0, gt=0, description="Job seconds assumed before any measurement.")
+    default_load_s: float = Field(10.0, gt=0, description="Load seconds assumed before any measurement.")
+    orphan_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="A running job whose worker's heartbeat has been gone this long is redelivered.",
+    )
+    worker_queue_retention_s: float = Field(
+        24 * 3600.0, gt=0, description="How long an empty queue of a dead worker is still watched."
+    )
+
+    def policy(self) -> RoutingPolicy:
+        return RoutingPolicy(default_job_s=self.default_job_s, default_load_s=self.default_load_s)
+
+
+def load_routing_settings() -> RoutingSettings:
+    from engine.settings import load_section
+
+    return load_section(RoutingSettings, "routing", None, {})
+
+
+@dataclass
+class _Queued:
+    """Where a job's task message sits: the list key and the exact message (for MOVE_MESSAGE)."""
+
+    list_key: str
+    payload: bytes
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists of a queue, most urgent priority step first."""
+    return [redis_list_for(queue, MAX_PRIORITY - step) for step in PRIORITY_STEPS]
+
+
+def job_view(record: JobRecord) -> JobView:
+    return JobView(
+        id=record.id,
+        models=tuple(record.models),
+        priority=record.priority,
+        created_at=record.created_at,
+        pin_worker=record.pin.get("worker"),
+        pin_gpu_class=record.pin.get("gpu_class"),
+    )
+
+
+def worker_view(beat: dict[str, Any], config: dict[str, Any], live: bool = True) -> WorkerView:
+    """A WorkerView from a heartbeat (worker/heartbeat.py) and the worker's routing config."""
+    resident = [r["name"] if isinstance(r, dict) else str(r) for r in beat.get("resident") or []]
+    running = None
+    if beat.get("running_job"):
+        models = tuple(beat.get("running_models") or ())
+        running = RunningView(
+            JobView(id=beat["running_job"], models=models),
+            started_at=float(beat.get("running_since") or beat.get("time") or 0.0),
+            cold=tuple(beat.get("running_cold") or ()),
+        )
+    allow = config.get("allow")
+    return WorkerView(
+        id=beat["id"],
+        live=live,
+        resident=resident,
+        slots=beat.get("model_slots"),
+        pinned=frozenset(config.get("pinned") or beat.get("pinned") or ()),
+        allow=tuple(allow) if allow is not None else None,
+        gpu_class=beat.get("gpu_class") or "",
+        running=running,
+        job_seconds={k: float(v) for k, v in (beat.get("job_seconds") or {}).items()},
+        load_seconds={k: float(v) for k, v in (beat.get("load_seconds") or {}).items()},
+        preload_requested=frozenset(r["model"] for r in beat.get("preload_requests") or ()),
+    )
+
+
+@dataclass
+class PoolSnapshot:
+    """A PoolView read from Redis, with where each queued job's message is."""
+
+    pool: PoolView
+    at: float
+    heartbeats: dict[str, dict[str, Any]]
+    configs: dict[str, dict[str, Any]]
+    messages: dict[str, _Queued] = field(default_factory=dict)
+    # Messages waiting per queue name (every priority list), dead workers' queues included.
+    depths: dict[str, int] = field(default_factory=dict)
+
+
+class RoutingService:
+    """The gateway's routing: picks the queue (and place) of each job, and runs the rebalancing
+    loop that reaps dead workers' queues, lets idle workers steal, and asks for preloads."""
+
+    def __init__(
+        self, client: aioredis.Redis, settings: RoutingSettings, metrics: Metrics | None = None
+    ) -> None:
+        from worker import lua
+
+        self.redis = client
+        self.settings = settings
+        self.metrics = metrics
+        self.router = Router(settings.policy())
+        self._move = client.register_script(lua.MOVE_JOB)
+        self._redeliver = client.register_script(lua.REDELIVER_UNACKED)
+        self._missing_since: dict[str, float] = {}
+        self._snapshot: PoolSnapshot | None = None
+        self._refreshing: asyncio.Lock | None = None
+        # Jobs routed here that a read may miss (their create was in flight): id -> (worker, job, at).
+        self._inflight: dict[str, tuple[str, JobView, float]] = {}
+        self._preloads_sent: dict[tuple[str, str], float] = {}
+        self._config_written = False
+        self._token = uuid.uuid4().hex
+
+    # -- reading the pool -------------------------------------------------------------------------
+
+    async def snapshot(self, max_age_s: float | None = None) -> PoolSnapshot:
+        """The pool as Redis holds it, read at most ``max_age_s`` ago (now when None)."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        if self._fresh(max_age_s):
+            assert self._snapshot is not None
+            return self._snapshot
+        async with self._refreshing:
+            if not self._fresh(max_age_s):
+                self._snapshot = await self._read()
+            assert self._snapshot is not None
+            return self._snapshot
+
+    def _fresh(self, max_age_s: float | None) -> bool:
+        current = self._snapshot
+        return current is not None and max_age_s is not None and time.time() - current.at <= max_age_s
+
+    async def _read(self) -> PoolSnapshot:
+        now = time.time()
+        await self._write_config_once()
+        worker_ids = {w.decode() for w in await self.redis.smembers(Keys.workers())}
+        queues = {q.decode() for q in await self.redis.zrange(Keys.worker_queues(), 0, -1)}
+        worker_ids |= {w for w in (queue_worker(q) for q in queues) if w}
+        ordered = sorted(worker_ids)
+        all_lists = [(None, key) for key in queue_lists(DEFAULT_QUEUE)]
+        all_lists += [(w, key) for w in ordered for key in queue_lists(worker_queue(w))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id in ordered:
+                pipe.get(Keys.worker(worker_id))
+                pipe.hgetall(Keys.worker_config(worker_id))
+            for _, key in all_lists:
+                pipe.lrange(key, 0, -1)
+            rows = await pipe.execute()
+        beats: dict[str, dict[str, Any]] = {}
+        configs: dict[str, dict[str, Any]] = {}
+        for index, worker_id in enumerate(ordered):
+            raw, config = rows[2 * index], rows[2 * index + 1]
+            if raw is not None:
+                beats[worker_id] = json.loads(raw)
+            configs[worker_id] = self._config(worker_id, config)
+        # Messages in run order: the most urgent list first, each list from its right end.
+        placed: list[tuple[str | None, str, bytes, str]] = []
+        depths: dict[str, int] = {}
+        for (owner, key), items in zip(all_lists, rows[2 * len(ordered) :], strict=True):
+            queue = worker_queue(owner) if owner else DEFAULT_QUEUE
+            depths[queue] = depths.get(queue, 0) + len(items)
+            for payload in reversed(items):
+                job_id = message_job_id(payload)
+                if job_id is not None:
+                    placed.append((owner, key, payload, job_id))
+        views = await self._job_views([job_id for *_, job_id in placed])
+        pool = PoolView()
+        for worker_id in ordered:
+            beat = beats.get(worker_id)
+            if beat is not None:
+                pool.workers[worker_id] = worker_view(beat, configs[worker_id])
+            else:
+                pool.workers[worker_id] = WorkerView(id=worker_id, live=False)
+        messages: dict[str, _Queued] = {}
+        for owner, key, payload, job_id in placed:
+            messages[job_id] = _Queued(key, payload)
+            view = views.get(job_id) or JobView(id=job_id, stale=True)
+            (pool.workers[owner].queue if owner else pool.shared).append(view)
+        self._add_inflight(pool, messages, now)
+        return PoolSnapshot(pool, now, beats, configs, messages, depths)
+
+    def _add_inflight(self, pool: PoolView, messages: dict[str, _Queued], now: float) -> None:
+        running = {w.running.job.id for w in pool.workers.values() if w.running is not None}
+        for job_id, (worker_id, job, at) in list(self._inflight.items()):
+            if job_id in messages or job_id in running or now - at > 2.0:
+                del self._inflight[job_id]
+                continue
+            worker = pool.workers.get(worker_id)
+            if worker is not None:
+                worker.queue.insert(worker.insert_position(job), job)
+
+    async def _job_views(self, job_ids: list[str]) -> dict[str, JobView]:
+        if not job_ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(Keys.job(job_id), "models", "priority", "created_at", "pin", "status")
+            rows = await pipe.execute()
+        views = {}
+        for job_id, row in zip(job_ids, rows, strict=True):
+            models, priority, created_at, pin, status = (v.decode() if v is not None else None for v in row)
+            if status != "queued":
+                continue  # gone, cancelled, or claimed by a worker: stale
+            pins = json.loads(pin) if pin else {}
+            views[job_id] = JobView(
+                id=job_id,
+                models=tuple(json.loads(models) if models else ()),
+                priority=int(priority) if priority else DEFAULT_PRIORITY,
+                created_at=float(created_at) if created_at else 0.0,
+                pin_worker=pins.get("worker"),
+                pin_gpu_class=pins.get("gpu_class"),
+            )
+        return views
+
+    def _config(self, worker_id: str, stored: dict[bytes, bytes]) -> dict[str, Any]:
+        config: dict[str, Any] = {k.decode(): json.loads(v) for k, v in stored.items()}
+        if "pinned" not in config and worker_id in self.settings.pinned_models:
+            config["pinned"] = self.settings.pinned_models[worker_id]
+        if "allow" not in config and worker_id in self.settings.model_allow_lists:
+            config["allow"] = self.settings.model_allow_lists[worker_id]
+        return config
+
+    async def _write_config_once(self) -> None:
+        """Configured pins and allow-lists go to Redis once, where workers read them; values set
+        through the API are kept."""
+        if self._config_written:
+            return
+        self._config_written = True
+        for worker_id, models in self.settings.pinned_models.items():
+            await self.redis.hsetnx(Keys.worker_config(worker_id), "pinned", json.dumps(models))
+        for worker_id, patterns in self.settings.model_allow_lists.items():
+            await self.redis.hsetnx(Keys.worker_config(worker_id), "allow", json.dumps(patterns))
+
+    async def worker_config(self, worker_id: str) -> dict[str, Any]:
+        return self._config(worker_id, await self.redis.hgetall(Keys.worker_config(worker_id)))
+
+    async def set_worker_config(
+        self, worker_id: str, *, pinned: list[str] | None = None, allow: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Pin models resident on a worker and/or set its allow-list (None leaves either as it is;
+        an empty allow-list removes it: every model is allowed)."""
+        key = Keys.worker_config(worker_id)
+        if pinned is not None:
+            await self.redis.hset(key, "pinned", json.dumps(sorted(set(pinned))))
+        if allow is not None:
+            if allow:
+                await self.redis.hset(key, "allow", json.dumps(allow))
+            else:
+                await self.redis.hset(key, "allow", "null")
+        self._snapshot = None
+        return await self.worker_config(worker_id)
+
+    # -- routing a job ---------------------------------------------------------------------------
+
+    async def route(self, record: JobRecord) -> Route:
+        """Choose a new job's queue and place (sets ``record.queue``); ``create`` comes next."""
+        snapshot = await self.snapshot(self.settings.pool_max_age_s)
+        job = job_view(record)
+        now = time.time()
+        route = self.router.route(job, snapshot.pool, now)
+        log.debug("Job %s routed: %s (%d live workers)", job.id, route, len(snapshot.pool.live()))
+        if self.metrics is not None:
+            self.metrics.routed.labels(route.reason).inc()
+        if route.worker is None:
+            record.queue = DEFAULT_QUEUE
+            return route
+        record.queue = worker_queue(route.worker)
+        worker = snapshot.pool.workers[route.worker]
+        worker.queue.insert(route.position if route.position is not None else len(worker.queue), job)
+        self._inflight[job.id] = (route.worker, job, now)
+        await self.redis.zadd(Keys.worker_queues(), {record.queue: now})
+        return route
+
+    async def place(self, record: JobRecord, route: Route) -> bool:
+        """Move a just-created job's message from the back of its priority to the place the router
+        chose (right after a queued job of the same model). A worker that took it meanwhile wins."""
+        if route.worker is None or route.back:
+            return False
+        queue = worker_queue(route.worker)
+        key = redis_list_for(queue, record.priority)
+        where = "after" if route.after else "front"
+        moved = await self._move(
+            keys=[key, key, Keys.job(record.id)], args=[record.id, "", queue, where, route.after or ""]
+        )
+        return bool(moved)
+
+    # -- rebalancing -----------------------------------------------------------------------------
+
+    async def tick(self) -> list[Move | Preload]:
+        """One rebalancing round; returns what was applied."""
+        snapshot = await self.snapshot()
+        now = time.time()
+        await self._watch_queues(snapshot, now)
+        if await self._redeliver_orphans(snapshot, now):
+            snapshot = await self.snapshot()
+        actions = [
+            a
+            for a in self.router.plan(snapshot.pool, now)
+            if not isinstance(a, Preload) or self._preload_due(a, now)
+        ]
+        if not actions or not await self._lease():
+            return []
+        applied: list[Move | Preload] = []
+        for action in actions:
+            if isinstance(action, Move):
+                if await self._apply_move(snapshot, action, now):
+                    applied.append(action)
+                continue
+            message = json.dumps({"preload": action.model, "reason": action.reason})
+            await self.redis.publish(Channels.control(action.worker), message)
+            self._preloads_sent[(action.worker, action.model)] = now
+            applied.append(action)
+            if self.metrics is not None:
+                self.metrics.preloads.labels(action.reason).inc()
+        if applied:
+            self._snapshot = None
+        return applied
+
+    async def _redeliver_orphans(self, snapshot: PoolSnapshot, now: float) -> int:
+        """Put back the running jobs of workers whose heartbeat has been gone ``orphan_grace_s``
+        (a killed worker never acknowledges its job; kombu alone would wait for the visibility
+        timeout, by default the job timeout x attempts + 10 minutes). The message goes to the
+        front of the queue it was sent to; the reaper moves it on from a dead worker's queue."""
+        for worker_id in snapshot.pool.workers:
+            if worker_id in snapshot.heartbeats:
+                self._missing_since.pop(worker_id, None)
+            else:
+                self._missing_since.setdefault(worker_id, now)
+        gone = {w for w, since in self._missing_since.items() if now - since >= self.settings.orphan_grace_s}
+        if not gone:
+            return 0
+        running = [j.decode() for j in await self.redis.smembers(Keys.running())]
+        if not running:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in running:
+                pipe.hget(Keys.job(job_id), "worker")
+            owners = await pipe.execute()
+        orphans = {j for j, w in zip(running, owners, strict=True) if w is not None and w.decode() in gone}
+        if not orphans:
+            return 0
+        redelivered = 0
+        for tag, raw in (await self.redis.hgetall(KOMBU_UNACKED)).items():
+            with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
+                message, _exchange, routing_key = json.loads(raw)
+                job_id = message["headers"]["id"]
+                if job_id not in orphans:
+                    continue
+                priority = MAX_PRIORITY - int(message["properties"].get("priority") or 0)
+                target = redis_list_for(routing_key or DEFAULT_QUEUE, priority)
+                if await self._redeliver(
+                    keys=[KOMBU_UNACKED, KOMBU_UNACKED_INDEX, target], args=[tag, json.dumps(message)]
+                ):
+                    redelivered += 1
+                    log.warning(
+                        "Job %s was running on a worker that is gone; redelivered to %r", job_id, target
+                    )
+                    if self.metrics is not None:
+                        self.metrics.moved.labels("redeliver").inc()
+        return redelivered
+
+    def _preload_due(self, preload: Preload, now: float) -> bool:
+        sent = self._preloads_sent.get((preload.worker, preload.model))
+        return sent is None or now - sent > 60.0
+
+    async def _lease(self) -> bool:
+        """One gateway applies a round at a time (each move is atomic anyway; this keeps two
+        gateways from stealing for the same idle worker)."""
+        key = Keys.rebalance_lock()
+        if await self.redis.set(key, self._token, nx=True, px=2000):
+            return True
+        holder = await self.redis.get(key)
+        if holder is not None and holder.decode() == self._token:
+            await self.redis.pexpire(key, 2000)
+            return True
+        return False
+
+    async def _apply_move(self, snapshot: PoolSnapshot, move: Move, now: float) -> bool:
+        queued = snapshot.messages.get(move.job.id)
+        if queued is None:
+            return False
+        source_queue = worker_queue(move.source) if move.source else DEFAULT_QUEUE
+        suffix = queued.list_key[len(source_queue) :]  # the same priority list in the target
+        target_queue = worker_queue(move.target)
+        moved = await self._move(
+            keys=[queued.list_key, f"{target_queue}{suffix}", Keys.job(move.job.id)],
+            args=[move.job.id, queued.payload, target_queue, "back", ""],
+        )
+        if moved:
+            await self.redis.zadd(Keys.worker_queues(), {target_queue: now})
+            if self.metrics is not None:
+                self.metrics.moved.labels(move.reason).inc()
+            log.info("Job %s moved %s -> %s (%s)", move.job.id, source_queue, target_queue, move.reason)
+        return bool(moved)
+
+    async def _watch_queues(self, snapshot: PoolSnapshot, now: float) -> None:
+        """Keep live workers' queues in the reaper's set; forget queues of workers gone longer
+        than the retention once they are empty (a message kombu restores after a crash goes back
+        to the queue it was first sent to, so an empty queue is watched a long while)."""
+        live = set(snapshot.heartbeats)
+        if live:
+            await self.redis.zadd(Keys.worker_queues(), {worker_queue(w): now for w in live})
+        cutoff = now - self.settings.worker_queue_retention_s
+        for raw in await self.redis.zrangebyscore(Keys.worker_queues(), 0, cutoff):
+            queue = raw.decode()
+            if queue_worker(queue) not in live and snapshot.depths.get(queue, 0) == 0:
+                await self.redis.zrem(Keys.worker_queues(), queue)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The rebalancing loop, every ``rebalance_interval_s`` (0 disables it), until ``stop``."""
+        interval = self.settings.rebalance_interval_s
+        if interval <= 0:
+            return
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception as exc:  # Redis down or restarting: try again next round
+                log.warning("Rebalancing round failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+
+def message_job_id(payload: bytes) -> str | None:
+    """The job id of a Celery task message (its task id)."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return json.loads(payload)["headers"]["id"]
+    return None

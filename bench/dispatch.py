@@ -1,0 +1,411 @@
+"""Dispatch latency and gateway submit throughput, with real processes: redis-server, the gateway
+(`kiln serve`, uvicorn) and a warm CPU worker (`kiln worker --device cpu`) running a trivial
+workflow (EmptyImage 8x8 -> ImageInvert -> SaveImage).
+
+(a) submit-to-start: one job at a time on an idle worker; latency from the client's send to the
+    job's ``started_at`` (the worker's claim), also from the gateway's ``created_at``.
+(b) submit throughput: ``POST /v1/jobs`` from a separate load-generator process (raw asyncio
+    HTTP/1.1 with keep-alive, cheaper per request than httpx), closed loop at several concurrencies
+    and open loop at a fixed arrival rate (latency counted from the scheduled send time, so a
+    slow server cannot hide queueing). The worker is stopped for (b): the gateway is measured alone.
+
+Targets (2-core VM): dispatch p50 <= 5 ms, p99 <= 20 ms; >= 1,000 submits/s with p99 <= 20 ms.
+
+    .venv/bin/python bench/dispatch.py                 # all of it (~1 minute)
+    .venv/bin/python bench/dispatch.py --jobs 500 --duration 10 --rate 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "bench-key"
+TENANT = "bench"
+PROMPT = {
+    "1": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0x336699},
+    },
+    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench"}},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def wait_for(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+# -- processes -----------------------------------------------------------------------------------------
+
+
+class Stack:
+    """redis-server, the gateway and one CPU worker, each in its own process group."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.redis_port = free_port()
+        self.port = free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("KILN_")},
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
+            "KILN_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "KILN_STORAGE_URL": (workdir / "storage").as_uri(),
+            "KILN_API_KEYS": f"{API_KEY}:{TENANT}",
+            "KILN_SIGNING_SECRET": "bench-signing-secret",
+            "KILN_RATE_LIMIT_PER_S": "1000000",
+            "KILN_RATE_LIMIT_BURST": "1000000",
+            "KILN_MAX_QUEUED_PER_TENANT": "0",
+            "KILN_MODELS_DIRS": str(workdir / "models"),
+            "KILN_INPUT_DIR": str(workdir / "input"),
+            "KILN_LOG_LEVEL": "WARNING",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (the child keeps it)
+        self.processes[name] = subprocess.Popen(
+            args,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def start_all(self) -> None:
+        redis_server = shutil.which("redis-server")
+        if redis_server is None:
+            sys.exit("redis-server is not installed")
+        (self.workdir / "redis").mkdir()
+        (self.workdir / "models").mkdir()
+        self.start(
+            "redis",
+            [
+                redis_server,
+                *(
+                    "--port",
+                    str(self.redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(self.workdir / "redis"),
+                ),
+                *("--appendonly", "yes", "--appendfsync", "everysec", "--save", ""),
+            ],
+        )
+        kiln = [sys.executable, "-m", "kiln"]
+        self.start("gateway", [*kiln, "serve", "--port", str(self.port)])
+        self.start("worker", [*kiln, "worker", "--device", "cpu"], {"KILN_WORKER_ID": "bench-cpu"})
+
+    def stop(self, name: str) -> None:
+        process = self.processes.get(name)
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in ("worker", "gateway", "redis"):
+            self.stop(name)
+
+
+# -- (a) dispatch latency ---------------------------------------------------------------------------
+
+
+def measure_dispatch(stack: Stack, jobs: int) -> dict[str, list[float]]:
+    """One job at a time: submit, wait for its ``kiln_job_finished`` event (pub/sub: no polling
+    that would steal CPU from the gateway and the worker), then read its timestamps."""
+    import httpx
+    import redis
+
+    client = redis.Redis.from_url(stack.env["KILN_REDIS_URL"])
+    events = client.pubsub(ignore_subscribe_messages=True)
+    events.psubscribe("kiln:events:job:*")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    send_to_start: list[float] = []
+    created_to_start: list[float] = []
+    submit_rtt: list[float] = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.port}", headers=headers, timeout=30) as http:
+        wait_for(lambda: client.exists("kiln:worker:bench-cpu"), 120, "the worker's heartbeat")
+        for index in range(jobs + 5):  # the first 5 warm everything up
+            sent = time.time()
+            response = http.post("/v1/jobs", json={"prompt": PROMPT})
+            answered = time.time()
+            job_id = response.json()["id"]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                message = events.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                event = json.loads(message["data"])
+                if event.get("job_id") == job_id and event["type"] == "kiln_job_finished":
+                    break
+            else:
+                raise TimeoutError(job_id)
+            status, started, created = client.hmget(
+                f"kiln:job:{job_id}", "status", "started_at", "created_at"
+            )
+            if status != b"succeeded":
+                raise RuntimeError(f"job {job_id} {status!r}")
+            if index >= 5:
+                send_to_start.append((float(started) - sent) * 1000)
+                created_to_start.append((float(started) - float(created)) * 1000)
+                submit_rtt.append((answered - sent) * 1000)
+    events.close()
+    client.close()
+    return {"send_to_start": send_to_start, "created_to_start": created_to_start, "submit_rtt": submit_rtt}
+
+
+# -- (b) the load generator (a separate process) ----------------------------------------------------
+
+
+def empty_queue(stack: Stack) -> None:
+    """Forget every job (the worker is stopped): a throughput run starts from an empty queue."""
+    import redis
+
+    client = redis.Redis.from_url(stack.env["KILN_REDIS_URL"])
+    client.flushdb()
+    client.close()
+    time.sleep(1.5)  # the gateway's cached views of the pool expire
+
+
+def request_bytes(port: int) -> bytes:
+    body = json.dumps({"prompt": PROMPT}).encode()
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def post(self, request: bytes) -> int:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.reader.readexactly(length)
+        return status
+
+
+async def _connect(port: int, count: int) -> list[Connection]:
+    pairs = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+    return [Connection(r, w) for r, w in pairs]
+
+
+async def closed_loop(port: int, concurrency: int, duration: float) -> dict[str, Any]:
+    request = request_bytes(port)
+    connections = await _connect(port, concurrency)
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration
+
+    async def run(connection: Connection) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            status = await connection.post(request)
+            latencies.append((time.perf_counter() - started) * 1000)
+            errors += status != 202
+
+    began = time.perf_counter()
+    await asyncio.gather(*(run(c) for c in connections))
+    elapsed = time.perf_counter() - began
+    for connection in connections:
+        connection.writer.close()
+    return {"mode": f"closed, {concurrency} conn", "requests": len(latencies), "seconds": elapsed,
+            "errors": errors, "latencies": latencies}  # fmt: skip
+
+
+async def open_loop(port: int, rate: float, duration: float, pool: int) -> dict[str, Any]:
+    """Requests scheduled every 1/rate s on a pool of keep-alive connections; latency is counted
+    from the scheduled time (a request waiting for a free connection is late, not excused)."""
+    request = request_bytes(port)
+    free: asyncio.Queue[Connection] = asyncio.Queue()
+    for connection in await _connect(port, pool):
+        free.put_nowait(connection)
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(scheduled: float) -> None:
+        nonlocal errors
+        connection = await free.get()
+        try:
+            status = await connection.post(request)
+        finally:
+            free.put_nowait(connection)
+        latencies.append((time.perf_counter() - scheduled) * 1000)
+        errors += status != 202
+
+    tasks = []
+    began = time.perf_counter()
+    total = int(rate * duration)
+    for index in range(total):
+        scheduled = began + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(scheduled)))
+    # Requests still unanswered one duration after the last was due count as errors.
+    _, pending = await asyncio.wait(tasks, timeout=duration)
+    for task in pending:
+        task.cancel()
+    errors += len(pending)
+    elapsed = time.perf_counter() - began
+    while not free.empty():
+        free.get_nowait().writer.close()
+    return {"mode": f"open, {rate:.0f}/s offered", "requests": len(latencies), "seconds": elapsed,
+            "errors": errors, "latencies": latencies}  # fmt: skip
+
+
+def load_generator_main(args: argparse.Namespace) -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    if args.rate:
+        result = asyncio.run(open_loop(args.port, args.rate, args.duration, args.concurrency))
+    else:
+        result = asyncio.run(closed_loop(args.port, args.concurrency, args.duration))
+    print(json.dumps(result))
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc): robust to other load on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_load(stack: Stack, concurrency: int, duration: float, rate: float = 0.0) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--load-generator", "--port", str(stack.port)]
+    command += ["--concurrency", str(concurrency), "--duration", str(duration), "--rate", str(rate)]
+    gateway = stack.processes["gateway"].pid
+    cpu_before = process_cpu_s(gateway)
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    result["gateway_cpu_ms"] = (process_cpu_s(gateway) - cpu_before) * 1000 / max(1, result["requests"])
+    return result
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+def summary(latencies: list[float]) -> tuple[float, float, float]:
+    return statistics.median(latencies), percentile(latencies, 0.99), max(latencies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=300, help="jobs for the dispatch latency")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per throughput run")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="closed-loop connection counts")
+    parser.add_argument("--rate", type=float, default=1000.0, help="open-loop offered rate (0: skip)")
+    parser.add_argument("--pool", type=int, default=64, help="open-loop connection pool")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument("--load-generator", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load_generator:
+        args.concurrency = int(args.concurrency)
+        load_generator_main(args)
+        return
+
+    workdir = Path(tempfile.mkdtemp(prefix="kiln-bench-dispatch-"))
+    stack = Stack(workdir)
+    print(f"# dispatch and submit throughput ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}); work folder {workdir}")  # fmt: skip
+    try:
+        stack.start_all()
+        dispatch = measure_dispatch(stack, args.jobs)
+        stack.stop("worker")  # (b) measures the gateway alone
+        runs = []
+        for concurrency in args.concurrency.split(","):
+            empty_queue(stack)  # each run starts from an empty queue (routing reads the whole queue)
+            runs.append(run_load(stack, int(concurrency), args.duration))
+        if args.rate:
+            empty_queue(stack)
+            runs.append(run_load(stack, args.pool, args.duration, args.rate))
+    finally:
+        stack.stop_all()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"\n(a) submit-to-start, {len(dispatch['send_to_start'])} jobs one at a time, idle warm worker")
+    print(f"{'measure':<44} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'target':>16}")
+    rows = [
+        ("client send -> started_at", dispatch["send_to_start"], "p50<=5, p99<=20"),
+        ("gateway created_at -> started_at", dispatch["created_to_start"], ""),
+        ("POST /v1/jobs round trip (1 client)", dispatch["submit_rtt"], ""),
+    ]
+    for name, values, target in rows:
+        p50, p99, top = summary(values)
+        print(f"{name:<44} {p50:>8.2f} {p99:>8.2f} {top:>8.2f} {target:>16}")
+    print("\n(b) POST /v1/jobs throughput (gateway alone, each run from an empty queue; load generator")
+    print("    in its own process; every accepted job stays queued, so the queue grows during a run)")
+    print(
+        f"{'load':<26} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'gw CPU':>7}"
+    )
+    for run in runs:
+        p50, p99, _ = summary(run["latencies"])
+        rate = run["requests"] / run["seconds"]
+        print(
+            f"{run['mode']:<26} {run['requests']:>9} {rate:>8.0f} {p50:>8.2f} {p99:>8.2f} {run['errors']:>7}"
+            f" {run['gateway_cpu_ms']:>7.2f}"
+        )
+    print("gw CPU: the gateway process's CPU ms per request (user + system)")
+    print("targets: >= 1000 req/s with p99 <= 20 ms")
+
+
+if __name__ == "__main__":
+    main()
