@@ -7,6 +7,7 @@ from typing import Any
 
 from worker.protocol import JobRecord, JobStatus
 from worker.storage import Storage
+from worker.webhooks import job_status
 
 COMFY_JOB_STATUS = {
     JobStatus.QUEUED: "pending",
@@ -78,35 +79,5 @@ def comfy_job(job: JobRecord, include_outputs: bool = False) -> dict[str, Any]:
 def native_job(
     job: JobRecord, *, position: int | None, storage: Storage, expiry_s: int, public_url: str
 ) -> dict[str, Any]:
-    """``GET /v1/jobs/{id}``."""
-    outputs = [
-        {
-            "node_id": o.node_id,
-            "index": o.index,
-            "url": storage.presign_get(o.key, expiry_s),
-            "key": o.key,
-            "content_type": o.content_type,
-            "bytes": o.bytes,
-            "sha256": o.sha256,
-        }
-        for o in job.outputs
-    ]
-    return {
-        "id": job.id,
-        "status": job.status.value,
-        "status_url": f"{public_url.rstrip('/')}/v1/jobs/{job.id}",
-        "queue_position": position,
-        "priority": job.priority,
-        "progress": job.progress.model_dump() if job.progress else None,
-        "timings": {
-            "created_at": job.created_at,
-            "started_at": job.started_at,
-            "finished_at": job.finished_at,
-            "queued_s": (job.started_at - job.created_at) if job.started_at else None,
-            "run_s": (job.finished_at - job.started_at) if job.finished_at and job.started_at else None,
-        },
-        "worker": job.worker,
-        "attempts": job.attempts,
-        "outputs": outputs,
-        "error": job.error.model_dump(exclude={"traceback"}) if job.error else None,
-    }
+    """``GET /v1/jobs/{id}``: the same document the job's webhook carries."""
+    return job_status(job, position=position, storage=storage, expiry_s=expiry_s, public_url=public_url)
