@@ -377,18 +377,19 @@ def test_idle_workers_steal_through_the_service(redis_client, redis_server):
     assert message_ids(redis_client, redis_list_for(idle, 5)) == ["q3"]
 
 
-def test_submissions_are_routed_to_worker_queues(make_client, redis_client, tmp_path):
+def test_submissions_are_routed_to_worker_queues(make_client, redis_client, tmp_path, monkeypatch):
     models = tmp_path / "models"
     (models / "checkpoints").mkdir(parents=True)
     for name in ("a", "b"):
         (models / "checkpoints" / f"{name}.safetensors").write_bytes(name.encode())
-    client = make_client(EngineSettings(node_modules=["tests.e2e.affinity_nodes"], models_dirs=[models]))
     heartbeat(
         redis_client, "w1", resident=[{"name": A, "hash": "ha"}], job_seconds={A: 1.0}, load_seconds={A: 5.0}
     )
     heartbeat(
         redis_client, "w2", resident=[{"name": B, "hash": "hb"}], job_seconds={B: 1.0}, load_seconds={B: 5.0}
     )
+    monkeypatch.setenv("KILN_REBALANCE_INTERVAL_S", "0")  # only routing moves messages here
+    client = make_client(EngineSettings(node_modules=["tests.e2e.affinity_nodes"], models_dirs=[models]))
 
     def submit(name: str, **extra: Any) -> Any:
         prompt = {
@@ -511,7 +512,9 @@ def test_nvidia_smi_output():
 # -- /metrics -------------------------------------------------------------------------------------------
 
 
-def test_metrics_report_cluster_figures_from_redis(client, redis_client):
+def test_metrics_report_cluster_figures_from_redis(make_client, redis_client, monkeypatch):
+    monkeypatch.setenv("KILN_REBALANCE_INTERVAL_S", "0")  # keep the queued message where it is
+    client = make_client()
     store = JobStore(redis_client)
     created = time.time() - 3.0
     record = JobRecord(id="m1", tenant="t", status=JobStatus.QUEUED, number=1, prompt={}, created_at=created)
