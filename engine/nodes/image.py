@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
+from engine.nodes.shapes import Inputs, Shapes, resized, same_as, scaled_by, sized
 from engine.schema import (
     IMAGE,
     INT,
@@ -30,39 +28,6 @@ INPUT_IMAGES = ChoiceSource("input_images")
 EXTRAS_IMAGES = "comfy_extras.nodes_images"
 EXTRAS_MASK = "comfy_extras.nodes_mask"
 
-Inputs = Mapping[str, Any]
-Shapes = Mapping[str, "Shape | None"]
-
-
-def _sized(constants: Inputs, _: Shapes) -> Shape:
-    return Shape(
-        int(constants.get("width", 1)) * int(constants.get("height", 1)), int(constants.get("batch_size", 1))
-    )
-
-
-def _same_as(name: str) -> Any:
-    def rule(_: Inputs, linked: Shapes) -> Shape | None:
-        return linked.get(name)
-
-    return rule
-
-
-def _scaled(constants: Inputs, linked: Shapes) -> Shape | None:
-    source = linked.get("image")
-    if source is None:
-        return None
-    width, height = int(constants.get("width", 0)), int(constants.get("height", 0))
-    pixels = width * height if width and height else source.pixels
-    return Shape(pixels, source.batch)
-
-
-def _scaled_by(constants: Inputs, linked: Shapes) -> Shape | None:
-    source = linked.get("image")
-    if source is None:
-        return None
-    scale = float(constants.get("scale_by", 1.0))
-    return Shape(int(source.pixels * scale * scale), source.batch)
-
 
 def _batched(_: Inputs, linked: Shapes) -> Shape | None:
     first, second = linked.get("image1"), linked.get("image2")
@@ -84,7 +49,7 @@ IMAGE_NODE_SPECS = (
             int_input("color", 0, 0, 0xFFFFFF, options={"display": "color"}),
         ),
         outputs=(OutputSpec(IMAGE),),
-        shape=_sized,
+        shape=sized,
     ),
     NodeSpec(
         "LoadImage",
@@ -150,7 +115,7 @@ IMAGE_NODE_SPECS = (
         ),
         outputs=(OutputSpec(IMAGE),),
         display_name="Upscale Image",
-        shape=_scaled,
+        shape=resized("image"),
     ),
     NodeSpec(
         "ImageScaleBy",
@@ -163,7 +128,7 @@ IMAGE_NODE_SPECS = (
         ),
         outputs=(OutputSpec(IMAGE),),
         display_name="Upscale Image By",
-        shape=_scaled_by,
+        shape=scaled_by("image"),
     ),
     NodeSpec(
         "ImageInvert",
@@ -172,7 +137,7 @@ IMAGE_NODE_SPECS = (
         required=(link("image", IMAGE),),
         outputs=(OutputSpec(IMAGE),),
         display_name="Invert Image",
-        shape=_same_as("image"),
+        shape=same_as("image"),
     ),
     NodeSpec(
         "ImageBatch",
@@ -196,7 +161,7 @@ IMAGE_NODE_SPECS = (
         ),
         outputs=(OutputSpec(IMAGE),),
         display_name="Image Crop",
-        shape=_scaled,
+        shape=resized("image"),
         python_module=EXTRAS_IMAGES,
     ),
     NodeSpec(
@@ -213,7 +178,7 @@ IMAGE_NODE_SPECS = (
         ),
         outputs=(OutputSpec(IMAGE), OutputSpec(MASK)),
         display_name="Pad Image for Outpainting",
-        shape=_same_as("image"),
+        shape=same_as("image"),
     ),
     NodeSpec(
         "ImageCompositeMasked",
@@ -228,7 +193,7 @@ IMAGE_NODE_SPECS = (
         ),
         optional=(link("mask", MASK),),
         outputs=(OutputSpec(IMAGE),),
-        shape=_same_as("destination"),
+        shape=same_as("destination"),
         python_module=EXTRAS_MASK,
     ),
     NodeSpec(

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
+from engine.nodes.shapes import Inputs, Shapes, resized, same_as, scaled_by, sized
 from engine.schema import (
     LATENT,
     MASK,
@@ -22,39 +20,6 @@ from engine.schema import (
 
 LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 CROP_METHODS = ("disabled", "center")
-
-Inputs = Mapping[str, Any]
-Shapes = Mapping[str, "Shape | None"]
-
-
-def _empty_latent(constants: Inputs, _: Shapes) -> Shape:
-    return Shape(
-        int(constants.get("width", 512)) * int(constants.get("height", 512)),
-        int(constants.get("batch_size", 1)),
-    )
-
-
-def _same_as(name: str) -> Any:
-    def rule(_: Inputs, linked: Shapes) -> Shape | None:
-        return linked.get(name)
-
-    return rule
-
-
-def _resized(constants: Inputs, linked: Shapes) -> Shape | None:
-    source = linked.get("samples")
-    width, height = int(constants.get("width", 0)), int(constants.get("height", 0))
-    if source is None:
-        return None
-    return Shape(width * height if width and height else source.pixels, source.batch)
-
-
-def _scaled_by(constants: Inputs, linked: Shapes) -> Shape | None:
-    source = linked.get("samples")
-    if source is None:
-        return None
-    scale = float(constants.get("scale_by", 1.0))
-    return Shape(int(source.pixels * scale * scale), source.batch)
 
 
 def _repeated(constants: Inputs, linked: Shapes) -> Shape | None:
@@ -86,7 +51,7 @@ LATENT_NODE_SPECS = (
         outputs=(OutputSpec(LATENT, tooltip="The empty latent image batch."),),
         display_name="Empty Latent Image",
         description="Create a new batch of empty latent images to be denoised via sampling.",
-        shape=_empty_latent,
+        shape=sized,
     ),
     NodeSpec(
         "LatentUpscale",
@@ -101,7 +66,7 @@ LATENT_NODE_SPECS = (
         ),
         outputs=(OutputSpec(LATENT),),
         display_name="Upscale Latent",
-        shape=_resized,
+        shape=resized("samples"),
     ),
     NodeSpec(
         "LatentUpscaleBy",
@@ -114,7 +79,7 @@ LATENT_NODE_SPECS = (
         ),
         outputs=(OutputSpec(LATENT),),
         display_name="Upscale Latent By",
-        shape=_scaled_by,
+        shape=scaled_by("samples"),
     ),
     NodeSpec(
         "LatentFromBatch",
@@ -123,7 +88,7 @@ LATENT_NODE_SPECS = (
         required=(link("samples", LATENT), int_input("batch_index", 0, 0, 63), int_input("length", 1, 1, 64)),
         outputs=(OutputSpec(LATENT),),
         display_name="Latent From Batch",
-        shape=_same_as("samples"),
+        shape=same_as("samples"),
     ),
     NodeSpec(
         "RepeatLatentBatch",
@@ -146,7 +111,7 @@ LATENT_NODE_SPECS = (
             int_input("feather", 0, 0, MAX_RESOLUTION, step=8),
         ),
         outputs=(OutputSpec(LATENT),),
-        shape=_same_as("samples_to"),
+        shape=same_as("samples_to"),
     ),
     NodeSpec(
         "LatentCompositeMasked",
@@ -162,7 +127,7 @@ LATENT_NODE_SPECS = (
         optional=(link("mask", MASK),),
         outputs=(OutputSpec(LATENT),),
         python_module="comfy_extras.nodes_mask",
-        shape=_same_as("destination"),
+        shape=same_as("destination"),
     ),
     NodeSpec(
         "LatentBlend",
@@ -176,7 +141,7 @@ LATENT_NODE_SPECS = (
         outputs=(OutputSpec(LATENT),),
         display_name="Latent Blend",
         python_module="comfy_extras.nodes_latent",
-        shape=_same_as("samples1"),
+        shape=same_as("samples1"),
     ),
     NodeSpec(
         "SetLatentNoiseMask",
@@ -185,6 +150,6 @@ LATENT_NODE_SPECS = (
         required=(link("samples", LATENT), link("mask", MASK)),
         outputs=(OutputSpec(LATENT),),
         display_name="Set Latent Noise Mask",
-        shape=_same_as("samples"),
+        shape=same_as("samples"),
     ),
 )

@@ -4,22 +4,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from engine.schema import IMAGE, LATENT, MASK, VAE, NodeSpec, OutputSpec, Shape, int_input, link
+from engine.nodes.shapes import same_as
+from engine.schema import IMAGE, LATENT, MASK, VAE, NodeSpec, OutputSpec, int_input, link
 
 _OPS = "engine.ops.vae"
-
-Inputs = Mapping[str, Any]
-Shapes = Mapping[str, "Shape | None"]
-
-
-def _same_as(name: str) -> Any:
-    def rule(_: Inputs, linked: Shapes) -> Shape | None:
-        return linked.get(name)
-
-    return rule
 
 
 def _temporal_inputs(action: str) -> tuple[Any, ...]:
@@ -55,7 +45,7 @@ VAE_NODE_SPECS = (
         outputs=(OutputSpec(IMAGE, tooltip="The decoded image."),),
         display_name="VAE Decode",
         description="Decodes latent images back into pixel space images.",
-        shape=_same_as("samples"),
+        shape=same_as("samples"),
     ),
     NodeSpec(
         "VAEEncode",
@@ -64,7 +54,7 @@ VAE_NODE_SPECS = (
         required=(link("pixels", IMAGE), link("vae", VAE)),
         outputs=(OutputSpec(LATENT),),
         display_name="VAE Encode",
-        shape=_same_as("pixels"),
+        shape=same_as("pixels"),
     ),
     NodeSpec(
         "VAEDecodeTiled",
@@ -79,7 +69,7 @@ VAE_NODE_SPECS = (
         ),
         outputs=(OutputSpec(IMAGE),),
         display_name="VAE Decode (Tiled)",
-        shape=_same_as("samples"),
+        shape=same_as("samples"),
     ),
     NodeSpec(
         "VAEEncodeTiled",
@@ -94,7 +84,7 @@ VAE_NODE_SPECS = (
         ),
         outputs=(OutputSpec(LATENT),),
         display_name="VAE Encode (Tiled)",
-        shape=_same_as("pixels"),
+        shape=same_as("pixels"),
     ),
     NodeSpec(
         "VAEEncodeForInpaint",
@@ -108,6 +98,6 @@ VAE_NODE_SPECS = (
         ),
         outputs=(OutputSpec(LATENT),),
         display_name="VAE Encode (for Inpainting)",
-        shape=_same_as("pixels"),
+        shape=same_as("pixels"),
     ),
 )
