@@ -11,7 +11,12 @@ release). Then, on the CPU in fp32 unless told otherwise:
 - UNet forward: batch 2 (cond + uncond, as with CFG) at 256x256 (latent 32x32), context 2x77x768;
 - VAE decode: one 32x32 latent to a 256x256 image;
 - diffusers UNet forward: ``UNet2DConditionModel`` built with diffusers' own single-file converter
-  from the same file's tensors, same inputs, interleaved with Kiln's runs.
+  from the same file's tensors, same inputs, interleaved with Kiln's runs;
+- txt2img end to end: examples/txt2img.json (the checkpoint linked under the name it uses) at
+  ``--size`` with 4 euler steps through ``EngineRuntime``: the first prompt (loads included), then
+  warm prompts with a new seed each (loader and text encoding cached, as in a real service), and
+  the per-step overhead: the KSampler node's time minus the time spent inside UNet forwards,
+  divided by the steps, as a share of a step (target under 2%).
 
     .venv/bin/python bench/engine.py [--checkpoint PATH] [--file-dtype fp16] [--reps 5] [--threads N]
 """
@@ -178,6 +183,9 @@ def main() -> None:
             name = f"VAE decode (1x4x{latent_side}x{latent_side} -> {args.size}px)"
             rows.append(_median_row(name, _time(lambda: v.decode(z), args.reps)))
 
+    manager.free_all()
+    rows += _txt2img_rows(path, args)
+
     print(
         f"SD1.5 full test checkpoint ({args.file_dtype} file), {args.device}, precision {args.precision}, "
         f"threads={torch.get_num_threads()}, {args.size}x{args.size}, {args.reps} reps"
@@ -187,6 +195,93 @@ def main() -> None:
     for name, wall, cpu, note in rows:
         cpu_text = "" if cpu is None else f"{cpu:.3f}"
         print(f"{name:<{width}}  {wall:>8.3f}  {cpu_text:>8}  {note}")
+
+
+TXT2IMG_STEPS = 4
+
+
+def _txt2img_rows(path: Path, args: argparse.Namespace) -> list[Row]:
+    """examples/txt2img.json at ``args.size``, 4 euler steps, cold and warm, and per-step overhead."""
+    import json
+    import tempfile
+
+    from engine.runtime import EngineRuntime
+    from engine.settings import EngineSettings
+
+    prompt = json.loads((HERE.parent / "examples" / "txt2img.json").read_text())
+    sampler_id = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+    latent_id = next(k for k, v in prompt.items() if v["class_type"] == "EmptyLatentImage")
+    loader = next(v for v in prompt.values() if v["class_type"] == "CheckpointLoaderSimple")
+    prompt[latent_id]["inputs"].update(width=args.size, height=args.size)
+    prompt[sampler_id]["inputs"].update(steps=TXT2IMG_STEPS, sampler_name="euler")
+
+    root = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    (root / "models" / "checkpoints" / loader["inputs"]["ckpt_name"]).symlink_to(path.resolve())
+    settings = EngineSettings(
+        models_dirs=[root / "models"],
+        input_dir=root,
+        output_dir=root / "output",
+        temp_dir=root / "temp",
+        device=args.device,
+        precision=args.precision,
+        offline=True,
+    )
+    runtime = EngineRuntime(settings)
+
+    def run(seed: int) -> Any:
+        prompt[sampler_id]["inputs"]["seed"] = seed
+        return runtime.execute(prompt)
+
+    rows: list[Row] = []
+    cold = _time(lambda: run(0))
+    rows.append(
+        _median_row(
+            f"txt2img {args.size}px, {TXT2IMG_STEPS} euler steps: first prompt", cold, "loads included"
+        )
+    )
+
+    # Time every UNet forward of the resident model, then run warm prompts (new seeds).
+    model_handle = runtime.models.load_checkpoint(path)[0]
+    forward_seconds: list[float] = []
+    started: list[float] = []
+    with runtime.models.use(model_handle) as net:
+        pre = net.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+        post = net.register_forward_hook(
+            lambda *_: forward_seconds.append(time.perf_counter() - started.pop())
+        )
+    overheads: list[float] = []
+    step_seconds: list[float] = []
+    warm: tuple[list[float], list[float]] = ([], [])
+    try:
+        for rep in range(args.reps):
+            forward_seconds.clear()
+            w0, c0 = time.perf_counter(), time.process_time()
+            result = run(rep + 1)
+            warm[0].append(time.perf_counter() - w0)
+            warm[1].append(time.process_time() - c0)
+            assert len(forward_seconds) == TXT2IMG_STEPS, forward_seconds  # cond + uncond in one batch
+            sampler_seconds = result.node_seconds[sampler_id]
+            outside = sampler_seconds - sum(forward_seconds)
+            overheads.append(outside / TXT2IMG_STEPS)
+            step_seconds.append(sampler_seconds / TXT2IMG_STEPS)
+    finally:
+        pre.remove()
+        post.remove()
+    rows.append(_median_row("txt2img: warm prompt (new seed)", warm, "sample + VAE decode + PNG"))
+    per_step = statistics.median(step_seconds)
+    overhead = statistics.median(overheads)
+    rows.append(("  of which one sampler step", per_step, None, "KSampler time / steps"))
+    rows.append(
+        (
+            "  per-step overhead outside the UNet",
+            overhead,
+            None,
+            f"{100 * overhead / per_step:.2f}% of a step (target < 2%)",
+        )
+    )
+    runtime.models.free_all()
+    return rows
 
 
 def _diffusers_unet(path: Path, config: Any, dtype: torch.dtype, device: str) -> torch.nn.Module:

@@ -33,7 +33,9 @@ EXIT_USAGE = 2
 def add_settings_options(parser: argparse.ArgumentParser, settings_class: type[BaseSettings]) -> None:
     """One flag per setting of ``settings_class`` (``max_nodes`` -> ``--max-nodes``)."""
     for name, field in settings_class.model_fields.items():
-        help_text = f"{field.description or name} (env KILN_{name.upper()})"
+        # argparse %-formats help strings: a literal "%" in a description must be doubled.
+        description = (field.description or name).replace("%", "%%")
+        help_text = f"{description} (env KILN_{name.upper()})"
         annotation = field.annotation
         if name == "models_dirs":
             parser.add_argument(

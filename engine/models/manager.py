@@ -1,10 +1,10 @@
 """The model manager: one object that owns every loaded model of an engine.
 
 Loader nodes ask it for handles (``load_checkpoint``, ``load_vae``, ``load_text_encoder``,
-``load_diffusion_model``); nodes that compute with a model borrow the weights inside
-``with manager.use(handle) as obj:`` (see ``engine.models.handles`` for what each handle yields and
-the KSampler contract). Nothing here is global: an engine runtime builds one manager and passes it
-to nodes as ``ctx.services.models``.
+``load_diffusion_model``, ``load_upscale_model``); nodes that compute with a model borrow the weights
+inside ``with manager.use(handle) as obj:`` (see ``engine.models.handles`` for what each handle yields
+and the KSampler contract; ``engine.models.esrgan`` for UPSCALE_MODEL). Nothing here is global: an
+engine runtime builds one manager and passes it to nodes as ``ctx.services.models``.
 
 Memory. Loaded weights live in one of two tiers, each an LRU within a byte budget:
 
@@ -23,9 +23,10 @@ budget still loads (on the device; a warning is logged).
 Precision: the UNet in ``precision`` (``auto``: fp16 on CUDA and MPS, fp32 on CPU); the text
 encoder always in fp32 (ComfyUI computes CLIP in fp32); the VAE in fp32 with ``vae_fp32`` or on
 CPU, else bf16 where the device supports it (ComfyUI's working dtypes for the SD VAE are bf16 and
-fp32: fp16 is not used, it overflows), else fp32. Tensors go from the file to their dtype and
-device in one conversion each (``engine.models.safetensors_file.load_tensors``); tensors that keep
-the file's dtype on the CPU are not copied at all.
+fp32: fp16 is not used, it overflows), else fp32; upscale models in fp32 (as ComfyUI runs them).
+Tensors go from the file to their dtype and device in one conversion each
+(``engine.models.safetensors_file.load_tensors``); tensors that keep the file's dtype on the CPU are
+not copied at all.
 
 Reporting (for the router's heartbeats): ``resident()`` lists what is loaded and where,
 ``load_stats()`` what recent loads cost; ``free_all()`` drops every idle model.
@@ -58,14 +59,15 @@ from engine.models.checkpoint import (
     inspect_vae_file,
 )
 from engine.models.clip_text import CLIPTextModel
+from engine.models.esrgan import UpscaleFileInfo, UpscaleModelHandle, inspect_upscale_file, load_esrgan
 from engine.models.handles import (
     ClipHandle,
-    Handle,
     ModelHandle,
     VAEHandle,
     WeightPatch,
     WeightsSource,
 )
+from engine.models.handles import Handle as DiffusionHandle
 from engine.models.latent_format import SD15
 from engine.models.safetensors_file import ContentHasher, load_tensors, read_header
 from engine.models.unet import load_unet
@@ -85,6 +87,9 @@ _PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch
 UNET_WEIGHT_DTYPES = {"default": None}
 _RECENT_LOADS = 64
 _INSPECTIONS = 64
+
+# Everything the manager lends out: the diffusion parts (MODEL, CLIP, VAE) and upscale models.
+Handle = DiffusionHandle | UpscaleModelHandle
 
 
 def physical_memory() -> int:
@@ -248,7 +253,13 @@ class ModelManager:
             return torch.bfloat16
         return torch.float32
 
+    @property
+    def upscale_model_dtype(self) -> torch.dtype:
+        return torch.float32
+
     def dtype_for(self, handle: Handle) -> torch.dtype:
+        if isinstance(handle, UpscaleModelHandle):
+            return self.upscale_model_dtype
         if isinstance(handle, ModelHandle):
             return getattr(torch, handle.weight_dtype) if handle.weight_dtype else self.unet_dtype
         if isinstance(handle, ClipHandle):
@@ -393,6 +404,18 @@ class ModelManager:
             self.preload(handle)
         return handle
 
+    def load_upscale_model(self, path: str | os.PathLike[str], *, preload: bool = True) -> UpscaleModelHandle:
+        """UpscaleModelLoader: an ESRGAN / Real-ESRGAN (RRDBNet) safetensors file."""
+        path = Path(path)
+        read_header(path)
+        content_hash = self.hasher.content_hash(path)
+        info: UpscaleFileInfo = self._inspect("upscale", path, content_hash, inspect_upscale_file)
+        source = WeightsSource(path, content_hash, "upscale", info.prefix)  # type: ignore[arg-type]
+        handle = UpscaleModelHandle(source=source, config=info.config)
+        if preload:
+            self.preload(handle)
+        return handle
+
     # -- using ---------------------------------------------------------------------------------------
 
     def preload(self, handle: Handle) -> None:
@@ -407,7 +430,8 @@ class ModelManager:
     @contextlib.contextmanager
     def use(self, handle: Handle) -> Iterator[Any]:
         """Borrow a handle's weights on the device, patched: yields a ``UNetModel`` (MODEL), a
-        ``TextEncoder`` (CLIP) or a ``VAE`` (VAE). See ``engine.models.handles``."""
+        ``TextEncoder`` (CLIP), a ``VAE`` (VAE) or an ``RRDBNet`` (UPSCALE_MODEL). See
+        ``engine.models.handles``."""
         with self._lock:
             entry = self._acquire(handle)
         try:
@@ -454,6 +478,8 @@ class ModelManager:
         entry.applied = ""
 
     def _runtime_object(self, entry: _Entry, handle: Handle) -> Any:
+        if isinstance(handle, UpscaleModelHandle):
+            return entry.module
         if isinstance(handle, ModelHandle):
             return entry.module
         if isinstance(handle, ClipHandle):
@@ -548,6 +574,9 @@ class ModelManager:
     def _build(self, handle: Handle, device: torch.device, dtype: torch.dtype) -> nn.Module:
         source = handle.source
         prefix = source.prefix or None
+        if isinstance(handle, UpscaleModelHandle):
+            sd = load_tensors(source.path, device=device, dtype=dtype, prefix=prefix)
+            return load_esrgan(sd, handle.config, prefix=source.prefix, device=device, dtype=dtype)
         if isinstance(handle, ModelHandle):
             keys = [source.prefix + key for key in handle.weight_shapes()]
             sd = load_tensors(source.path, device=device, dtype=dtype, keys=keys)

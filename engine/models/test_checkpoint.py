@@ -19,12 +19,16 @@ files do: for sd21 the last output block's first transformer gets large norm1 bi
 test, see ``engine.models.checkpoint``), for sd15 a ``v_pred`` marker key is added. Floating
 weights are stored in ``dtype``; the DDPM buffers and EMA counters stay float32 / int32 as in the
 real files, ``position_ids`` int64 (``float_position_ids`` stores them as float32, as some files do).
+
+``write_test_esrgan`` writes an ESRGAN / Real-ESRGAN upscale model the same way, in any of the
+layouts ``engine.models.esrgan`` reads; ``write_test_lora`` a kohya-format LoRA for a checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +38,7 @@ import torch
 from torch import Tensor
 
 from engine.errors import ModelError
-from engine.models import clip_text, unet, vae
+from engine.models import clip_text, esrgan, unet, vae
 from engine.models.checkpoint import CLIP_PREFIX, UNET_PREFIX, V_PRED_KEY, VAE_PREFIX
 from engine.models.clip_text import CLIPTextConfig
 from engine.models.unet import UNetConfig
@@ -199,6 +203,96 @@ def write_test_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def write_test_esrgan(
+    path: str | os.PathLike[str],
+    *,
+    scale: int = 4,
+    layout: esrgan.Layout = "new",
+    nf: int = 8,
+    nb: int = 2,
+    gc: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float32,
+    wrapper: str = "",
+) -> Path:
+    """Write a random-weight ESRGAN upscale model (``.safetensors``); returns the path.
+
+    ``scale`` 1 / 2 use Real-ESRGAN's pixel-unshuffle (x4 network), 4 two x2 stages, 8 three;
+    ``layout`` ``"new"`` (basicsr / Real-ESRGAN), ``"old"`` (ESRGAN ``model.N``) or ``"bsrgan"``;
+    ``wrapper`` a key prefix such as ``"params_ema."``; ``gc`` defaults to ``nf // 2``, so ``nf=64,
+    nb=23`` at scale 4 has RealESRGAN_x4plus's shapes. The weights depend on the config and ``seed``
+    only, never on ``layout``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        raise ModelError(f"{path}: test models are written as .safetensors")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    config = esrgan.ESRGANConfig.for_scale(scale, nf, nb, gc if gc is not None else max(nf // 2, 4))
+    tensors = esrgan.to_file_layout(esrgan.random_state_dict(config, seed, dtype), config, layout)
+    metadata = {"kiln.test_checkpoint": f"esrgan-x{scale}-{layout} nf={nf} nb={nb} seed={seed}"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({wrapper + k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+# The projections a typical kohya LoRA trains: UNet attention (LDM names) and CLIP-L attention + MLP.
+_LORA_UNET_MODULE = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_LORA_CLIP_MODULE = re.compile(r"\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+def write_test_lora(
+    path: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    *,
+    rank: int = 4,
+    alpha: float = 2.0,
+    seed: int = 0,
+    text_encoder: bool = True,
+) -> Path:
+    """Write a random kohya LoRA (``lora_unet_*`` in LDM names, ``lora_te_*``) for every attention
+    projection of the SD1.x checkpoint ``base`` (and its text encoder's attention and MLP layers),
+    with ``lora_down`` / ``lora_up`` / ``alpha`` tensors sized from the checkpoint's header."""
+    from safetensors.torch import save_file
+
+    from engine.models.safetensors_file import read_header
+
+    path = Path(path)
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        raise ModelError(f"{path}: test LoRAs are written as .safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, Tensor] = {}
+    clip_prefix = f"{CLIP_PREFIX}transformer."
+    for name, info in sorted(read_header(base).tensors.items()):
+        if not name.endswith(".weight") or len(info.shape) != 2:
+            continue
+        module = name.removesuffix(".weight")
+        if module.startswith(UNET_PREFIX) and _LORA_UNET_MODULE.search(module):
+            lora_name = "lora_unet_" + module.removeprefix(UNET_PREFIX).replace(".", "_")
+        elif text_encoder and module.startswith(clip_prefix) and _LORA_CLIP_MODULE.search(module):
+            lora_name = "lora_te_" + module.removeprefix(clip_prefix).replace(".", "_")
+        else:
+            continue
+        out_features, in_features = info.shape
+        tensors[f"{lora_name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+        tensors[f"{lora_name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+        tensors[f"{lora_name}.alpha"] = torch.tensor(float(alpha))
+    if not tensors:
+        raise ModelError(f"{base}: no SD1.x attention layers to write a LoRA for")
+    metadata = {"kiln.test_lora": f"rank={rank} alpha={alpha} seed={seed}"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 

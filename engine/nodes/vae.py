@@ -7,7 +7,18 @@ from __future__ import annotations
 from typing import Any
 
 from engine.nodes.shapes import same_as
-from engine.schema import IMAGE, LATENT, MASK, VAE, NodeSpec, OutputSpec, int_input, link
+from engine.schema import (
+    CONDITIONING,
+    IMAGE,
+    LATENT,
+    MASK,
+    VAE,
+    NodeSpec,
+    OutputSpec,
+    bool_input,
+    int_input,
+    link,
+)
 
 _OPS = "engine.ops.vae"
 
@@ -98,6 +109,30 @@ VAE_NODE_SPECS = (
         ),
         outputs=(OutputSpec(LATENT),),
         display_name="VAE Encode (for Inpainting)",
+        shape=same_as("pixels"),
+    ),
+    NodeSpec(
+        "InpaintModelConditioning",
+        category="conditioning/inpaint",
+        impl=f"{_OPS}:inpaint_model_conditioning",
+        required=(
+            link("positive", CONDITIONING),
+            link("negative", CONDITIONING),
+            link("vae", VAE),
+            link("pixels", IMAGE),
+            link("mask", MASK),
+            bool_input(
+                "noise_mask",
+                True,
+                tooltip="Add a noise mask to the latent so sampling will only happen within the mask. Might "
+                "improve results or completely break things depending on the model.",
+            ),
+        ),
+        outputs=(
+            OutputSpec(CONDITIONING, name="positive"),
+            OutputSpec(CONDITIONING, name="negative"),
+            OutputSpec(LATENT, name="latent"),
+        ),
         shape=same_as("pixels"),
     ),
 )

@@ -211,8 +211,9 @@ class NetFunction(Protocol):
 class Denoiser:
     """``D(x, sigma, context, extra)`` for a discrete eps / v network (ComfyUI's apply_model).
 
-    The network sees ``calculate_input(sigma, x)`` cast to ``dtype``, the nearest table timestep as
-    float, the cross-attention ``context`` and any extra tensors as keyword arguments; its output is
+    The network sees ``calculate_input(sigma, x)`` cast to ``dtype`` (with ``extra["c_concat"]``
+    appended as channels), the nearest table timestep as float, the cross-attention ``context`` and
+    any other extra tensors as keyword arguments; its output is
     read back in float32 and turned into the clean-latent estimate.
     """
 
@@ -237,7 +238,13 @@ class Denoiser:
         if context is not None:
             context = context.to(device=x.device, dtype=dtype)
         kwargs: dict[str, Any] = {}
-        for name, value in (extra or {}).items():
+        extra = dict(extra or {})
+        concat = extra.pop("c_concat", None)
+        if concat is not None:
+            # Inpainting models take mask + masked-image latent as extra input channels, appended
+            # after the input scaling (ComfyUI's apply_model).
+            x_in = torch.cat([x_in, concat.to(device=x.device, dtype=dtype)], dim=1)
+        for name, value in extra.items():
             # Integer tensors (ids, sizes) keep their dtype; float ones follow the model's.
             if value.is_floating_point():
                 value = value.to(device=x.device, dtype=dtype)
