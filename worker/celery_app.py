@@ -28,7 +28,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from engine.settings import EngineSettings
 from worker.engine_host import EngineHost
-from worker.heartbeat import ControlListener, Heartbeat
+from worker.heartbeat import ControlListener, Heartbeat, Preloader
 from worker.jobstore import JobStore
 from worker.protocol import DEFAULT_QUEUE, TASK_RUN_JOB, worker_queue
 from worker.runner import JobRunner
@@ -82,10 +82,11 @@ class WorkerProcess:
             host=host,
         )
         heartbeat = Heartbeat(client, self.settings, self.engine_settings, self.runner)
-        listener = ControlListener(client, self.settings.worker_id, self.runner)
-        heartbeat.start()
-        listener.start()
-        self.threads = [deliverer, heartbeat, listener]
+        preloader = Preloader(self.runner)
+        listener = ControlListener(client, self.settings.worker_id, self.runner, preloader)
+        for thread in (heartbeat, preloader, listener):
+            thread.start()
+        self.threads = [deliverer, heartbeat, preloader, listener]
 
     def stop(self) -> None:
         """Worker shutdown: a job still running goes back to the queue, then the host stops."""

@@ -34,6 +34,11 @@ Cancellation
     (between nodes and at every ``ctx.progress``): a message on the pipe would not be read while
     the child is busy executing. A child that has not stopped within ``cancel_grace_s`` is killed
     and restarted. Either way ``JobInterrupted`` is raised.
+
+Models
+    The child's model manager keeps models warm across jobs. The child reports each load
+    (``MODEL_LOADED_EVENT``) and the residency (``MODELS_EVENT``) as events, through the same
+    ``on_event`` callback (see ``worker.host_main``); ``preload`` loads a model ahead of a job.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ __all__ = [
     "JobDeadlineExceeded",
     "JobFailed",
     "JobInterrupted",
+    "PreloadFailed",
     "ProducedOutput",
 ]
 
@@ -186,18 +192,27 @@ class JobDeadlineExceeded(EngineHostError):
         self.deadline_s = deadline_s
 
 
+class PreloadFailed(EngineHostError):
+    """Raised when a preload did not complete: the model cannot be loaded here (the message says
+    why), or the child crashed, ran out of memory or passed the deadline while loading it (it was
+    restarted)."""
+
+
 # -- jobs and results --------------------------------------------------------------------------
 
 
 @dataclass
 class HostJob:
-    """One prompt to run. ``outputs_to_execute`` empty means every output node."""
+    """One prompt to run. ``outputs_to_execute`` empty means every output node. ``models``: the
+    models the gateway routed it by (``folder/name``); the host names the files it loads after
+    them (and after the prompt's own model combos)."""
 
     job_id: str
     tenant: str
     prompt: dict[str, Any]
     extra_data: dict[str, Any] = field(default_factory=dict)
     outputs_to_execute: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
 
     @classmethod
     def from_record(cls, record: JobRecord) -> HostJob:
@@ -207,6 +222,7 @@ class HostJob:
             prompt=record.prompt,
             extra_data=record.extra_data,
             outputs_to_execute=record.outputs_to_execute,
+            models=list(record.models),
         )
 
 
@@ -546,6 +562,86 @@ class EngineHost:
                     # before its first job, and this one is gone before run() returns.
                     self._child = None if self._closed else self._launch()
                     self._stop(child, graceful=True)
+
+    # -- preloading a model ------------------------------------------------------------------
+
+    def preload(
+        self,
+        model: str,
+        on_event: EventCallback,
+        *,
+        deadline_s: float,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Load ``model`` (``folder/name``) into the child's model manager ahead of a job (the
+        router's preload request); ``on_event`` gets the model events, from this thread.
+
+        Waits for a running job to end first (one thing at a time). A load cannot be interrupted:
+        ``cancel`` (the worker stopping) kills the child, the next use starts a fresh one. Raises
+        PreloadFailed (after replacing the child if it crashed, ran out of memory or passed
+        ``deadline_s``) or HostStartFailed.
+        """
+        with self._lock:
+            if self._busy:
+                raise RuntimeError("EngineHost.preload is not reentrant: one thing at a time")
+            self._busy = True
+            try:
+                child = self._ready_child()
+                self._preload_on(child, model, on_event, deadline_s, cancel)
+            finally:
+                self._busy = False
+
+    def _preload_on(
+        self,
+        child: _Child,
+        model: str,
+        on_event: EventCallback,
+        deadline_s: float,
+        cancel: threading.Event | None,
+    ) -> None:
+        settled = False
+        try:
+            with contextlib.suppress(OSError):  # a dead child shows below as end-of-file
+                child.conn.send(("preload", model))
+            deadline = time.monotonic() + deadline_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if cancel is not None and cancel.is_set():
+                    settled = True
+                    self._discard(child)
+                    raise PreloadFailed(f"Preloading {model} was cancelled; the host was stopped")
+                if remaining <= 0:
+                    settled = True
+                    self._replace(child, f"preloading {model} took over {deadline_s:g}s")
+                    raise PreloadFailed(f"Preloading {model} took over {deadline_s:g}s; the host restarted")
+                timeout = min(remaining, _CANCEL_POLL_S) if cancel is not None else remaining
+                if not wait([child.conn, child.process.sentinel], timeout):
+                    continue
+                try:
+                    message = child.conn.recv() if child.conn.poll(0) else None
+                except (EOFError, OSError):
+                    message = None
+                if message is None:
+                    settled = True
+                    child.process.join(_TERM_GRACE_S)
+                    how = describe_exit(child.process.exitcode)
+                    self._replace(child, f"it {how} while preloading {model}")
+                    raise PreloadFailed(f"Engine host pid {child.pid} {how} while preloading {model}")
+                if message[0] == "event":
+                    on_event(message[1], message[2])
+                    continue
+                if message[0] != "preloaded":
+                    raise RuntimeError(f"Unexpected message from the engine host: {message[0]!r}")
+                settled = True
+                info = message[1]
+                if info.get("restart"):
+                    self._replace(child, f"preloading {model} failed: {info.get('error')}")
+                if info.get("error"):
+                    raise PreloadFailed(f"Preloading {model} failed: {info['error']}")
+                return
+        finally:
+            if self._child is child and not settled:
+                self._replace(child, f"preload() left {model} while the engine host was busy")
 
     def _crashed(self, child: _Child, job: HostJob) -> HostCrashed:
         child.process.join(_TERM_GRACE_S)

@@ -1,17 +1,19 @@
-"""Background threads of a worker process: the heartbeat (with the model inventory) and the
-listener for commands (cancel the running job, preload a model), and ``WorkerStats``: what the
-worker measured for routing (resident models, job and load time averages, the running job).
+"""Background threads of a worker process: the heartbeat (with the model inventory), the
+listener for commands (cancel the running job, preload a model) and the preloader, and
+``WorkerStats``: what the worker measured for routing (resident models, job and load time
+averages, the running job).
 
 The heartbeat is JSON at ``Keys.worker(id)`` with a TTL, written every ``heartbeat_interval_s``
-and at once when a job starts or ends or a model is loaded, so the gateway's router sees changes
-within a fraction of a second. Its fields (docs/routing.md):
+and at once when a job starts or ends or the resident models change, so the gateway's router sees
+changes within a fraction of a second. Its fields (docs/routing.md):
 
     id, host, pid, device, gpu_index, gpu_name, gpu_class, memory_total, memory_free (bytes),
-    queue, queue_depth, running_job, running_models, running_since, running_cold,
-    resident [{name, hash, loaded_at, seconds}], model_slots (null: unknown), pinned, allow,
-    job_seconds {primary model: moving average}, load_seconds {model: moving average},
-    loads {model: count}, preload_requests [{model, reason, at}], jobs_run, started_at, time,
-    host_* (the engine host's status)
+    queue, queue_depth (all priority lists), running_job, running_models, running_since,
+    running_cold, resident [{name, hash, loaded_at, seconds, bytes, where}] (least recently used
+    first), model_slots (null: unknown), model_memory {device_budget, host_budget, device_used,
+    host_used} (bytes; null: unknown), pinned, allow, job_seconds {primary model: moving average},
+    load_seconds {model: moving average}, loads {model: count}, preload_requests [{model, reason,
+    at}], jobs_run, started_at, time, host_* (the engine host's status)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -66,8 +69,10 @@ class WorkerStats:
     heartbeat thread reads). Counters behind /metrics (model loads, load seconds, affinity hits)
     go to Redis when they happen, so a worker killed a moment later has lost none of them.
 
-    Until the model manager reports residency itself, "resident" is what this worker's engine
-    host loaded (``MODEL_LOADED_EVENT``) since it started: a restarted host has nothing resident.
+    "Resident" is what the engine host's model manager holds: each load (``MODEL_LOADED_EVENT``)
+    adds its model, and the residency the host reports after loads and jobs (``MODELS_EVENT``,
+    ``models_reported``) replaces the list, evictions included. A restarted host has nothing
+    resident.
     """
 
     client: redis.Redis
@@ -81,6 +86,8 @@ class WorkerStats:
     _loads: dict[str, int] = field(default_factory=dict)
     _running: _Running | None = None
     _preloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _slots: int | None = None
+    _memory: dict[str, int | None] | None = None
 
     def job_started(self, job_id: str, models: list[str], host_pid: int | None) -> None:
         with self._lock:
@@ -103,7 +110,6 @@ class WorkerStats:
             }
             self._load_seconds[model] = _ema(self._load_seconds.get(model), seconds)
             self._loads[model] = self._loads.get(model, 0) + 1
-            self._preloads.pop(model, None)
             if self._running is not None:
                 self._running.load_seconds += seconds
         le = next((b for b in LOAD_SECONDS_BUCKETS if seconds <= float(b)), "+Inf")
@@ -117,6 +123,41 @@ class WorkerStats:
         except redis.RedisError as exc:
             log.warning("Model load of %s not counted: %s", model, exc)
         self.changed.set()
+
+    def models_reported(self, report: dict[str, Any], host_pid: int | None) -> None:
+        """The engine host's residency (``worker.host_io.ModelReporter.snapshot``): the resident
+        models, least recently used first, the slots and the budgets."""
+        with self._lock:
+            before = self._resident_for(host_pid)
+            resident: dict[str, dict[str, Any]] = {}
+            for item in report.get("resident") or ():
+                name = str(item["name"])
+                known = before.get(name)
+                same = known is not None and known.get("hash") == item.get("hash")
+                resident[name] = {
+                    "name": name,
+                    "hash": item.get("hash"),
+                    "loaded_at": known["loaded_at"] if same else time.time(),
+                    "seconds": known["seconds"] if same else self._load_seconds.get(name),
+                    "bytes": item.get("bytes"),
+                    "where": item.get("where"),
+                }
+            changed = [(r["name"], r["hash"], r.get("where")) for r in before.values()] != [
+                (r["name"], r["hash"], r["where"]) for r in resident.values()
+            ]
+            self._resident = resident
+            slots = report.get("slots")
+            changed = changed or slots != self._slots
+            self._slots = int(slots) if slots is not None else None
+            budget, used = report.get("budget") or {}, report.get("used") or {}
+            self._memory = {
+                "device_budget": budget.get("device"),
+                "host_budget": budget.get("host"),
+                "device_used": used.get("device"),
+                "host_used": used.get("host"),
+            }
+        if changed:
+            self.changed.set()
 
     def job_finished(self, job_id: str, succeeded: bool) -> None:
         with self._lock:
@@ -146,11 +187,22 @@ class WorkerStats:
             )
 
     def preload_requested(self, model: str, reason: str) -> None:
-        """Recorded and reported; loading it is the model manager's job (engine/models), which
-        does not exist yet: nothing is loaded ahead of a job today."""
+        """Reported until the preload is done (``preload_finished``): the router does not ask
+        again meanwhile."""
         with self._lock:
             self._preloads[model] = {"model": model, "reason": reason, "at": time.time()}
         self.changed.set()
+
+    def preload_finished(self, model: str) -> None:
+        """Loaded, failed or skipped (a load of it already reported it resident)."""
+        with self._lock:
+            found = self._preloads.pop(model, None)
+        if found is not None:
+            self.changed.set()
+
+    def is_resident(self, model: str, host_pid: int | None) -> bool:
+        with self._lock:
+            return host_pid == self._resident_pid and model in self._resident
 
     def _resident_for(self, host_pid: int | None) -> dict[str, dict[str, Any]]:
         if host_pid != self._resident_pid:
@@ -165,7 +217,8 @@ class WorkerStats:
             running = self._running
             return {
                 "resident": resident,
-                "model_slots": None,
+                "model_slots": self._slots,
+                "model_memory": dict(self._memory) if self._memory is not None else None,
                 "running_models": running.models if running else [],
                 "running_since": running.started if running else None,
                 "running_cold": running.cold if running else [],
@@ -341,14 +394,47 @@ class Heartbeat(_Loop):
             self._stop_event.wait(self.MIN_SPACING_S)
 
 
-class ControlListener(_Loop):
-    """Receives commands for this worker (``{"cancel": job_id}``) over Redis pub/sub."""
+class Preloader(_Loop):
+    """Loads the models the router asks for on the engine host, one at a time, off the control
+    listener's thread (a load takes seconds; a cancel must not wait for it)."""
 
-    def __init__(self, client: redis.Redis, worker_id: str, runner: JobRunner) -> None:
+    def __init__(self, runner: JobRunner) -> None:
+        super().__init__("kiln-preload")
+        self.runner = runner
+        self._requests: queue.Queue[str | None] = queue.Queue()
+
+    def request(self, model: str, reason: str) -> None:
+        self.runner.stats.preload_requested(model, reason)
+        self._requests.put(model)
+
+    def stop(self) -> None:
+        super().stop()
+        self._requests.put(None)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            model = self._requests.get()
+            if model is None:
+                continue
+            if self.runner.stats.is_resident(model, self.runner.host.pid):
+                self.runner.stats.preload_finished(model)
+                continue
+            try:
+                self.runner.preload(model)
+            except Exception:  # a bug must not end the thread: later requests still count
+                log.exception("Preload of %s failed", model)
+
+
+class ControlListener(_Loop):
+    """Receives commands for this worker (``{"cancel": job_id}``, ``{"preload": model}``) over
+    Redis pub/sub."""
+
+    def __init__(self, client: redis.Redis, worker_id: str, runner: JobRunner, preloader: Preloader) -> None:
         super().__init__("kiln-control")
         self.redis = client
         self.worker_id = worker_id
         self.runner = runner
+        self.preloader = preloader
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -364,12 +450,9 @@ class ControlListener(_Loop):
                         log.info("Cancel requested for job %s", command["cancel"])
                         self.runner.cancel(command["cancel"])
                     if "preload" in command:
-                        log.info(
-                            "Preload of %s requested (%s); recorded for the model manager",
-                            command["preload"],
-                            command.get("reason", ""),
-                        )
-                        self.runner.stats.preload_requested(command["preload"], command.get("reason", ""))
+                        model, reason = str(command["preload"]), str(command.get("reason", ""))
+                        log.info("Preload of %s requested (%s)", model, reason)
+                        self.preloader.request(model, reason)
             except redis.RedisError as exc:
                 log.warning("Control channel lost (%s); reconnecting", exc)
                 self._stop_event.wait(1.0)

@@ -1,24 +1,35 @@
-"""The engine host's I/O: produced files kept in memory for the worker to upload, and inputs read
-from object storage under a per-tenant prefix.
+"""The engine host's I/O: produced files kept in memory for the worker to upload, inputs read
+from object storage under a per-tenant prefix, and the model manager's loads and residency reported
+to the worker.
 
-Both run inside the engine host's child process (``worker.host_main``) and implement the engine's
-``OutputSink`` and ``InputResolver`` protocols. This module is torch-free: the parent imports it for
-``ProducedOutput``.
+All run inside the engine host's child process (``worker.host_main``); the first two implement the
+engine's ``OutputSink`` and ``InputResolver`` protocols. This module is torch-free: the parent
+imports it for ``ProducedOutput`` and ``MODELS_EVENT``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
 
-from engine.errors import InputNotFoundError, UnsafePathError
+from engine.errors import InputNotFoundError, KilnError, UnsafePathError
 from engine.inventory import IMAGE_EXTENSIONS, Inventory
 from engine.io import OutputKind, OutputRequest, SavedOutput, split_prefix
 from engine.paths import safe_relative
+from worker.protocol import MODEL_LOADED_EVENT
 from worker.storage import ObjectNotFound, Storage, object_key
+
+if TYPE_CHECKING:
+    from engine.models.manager import ModelManager
+
+# Host -> worker only (the runner keeps it from clients): the model manager's residency, sent after
+# new loads and after every job and preload. Data: ``ModelReporter.snapshot()``.
+MODELS_EVENT = "kiln_models"
 
 # ComfyUI lets an image name carry its folder: "cat.png [input]". Only uploads live in storage.
 _ANNOTATION = re.compile(r"^(.*) \[(input|output|temp)\]$")
@@ -202,3 +213,143 @@ class TenantInventory:
         if kind == "input_images":
             return self.inputs.list_images()
         return list(self.others.list_choices(kind))
+
+
+class ModelReporter:
+    """Turns the model manager's records into the worker's model events, in the engine host.
+
+    ``loads()``: one ``MODEL_LOADED_EVENT`` (worker.protocol) per file among the loads since the
+    last call (the parts of a checkpoint loaded together are one load of it, their seconds and
+    bytes summed). ``snapshot()``: what is resident, for ``MODELS_EVENT``. Models carry the names
+    the router gives what a prompt needs, ``folder/name`` (``checkpoints/x.safetensors``,
+    api/submit.py); the manager knows files by content hash, so a hash is named by the models the
+    current job names (``expect``) whose file has that hash, else by its file name.
+    """
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self._names: dict[str, list[str]] = {}  # content hash -> model names
+        self._sizes: dict[str, int] = {}  # content hash -> bytes once loaded (largest seen)
+        self._parts: dict[str, set[str]] = {}  # content hash -> parts ever loaded from the file
+        self._expected: list[str] = []
+        self._last: dict[str, Any] | None = None  # the newest load record already reported
+        self._sent = self.snapshot()  # the residency the worker knows (nothing at first)
+
+    def expect(self, models: Iterable[str]) -> None:
+        """The models (``folder/name``) the next job or preload names."""
+        self._expected = list(dict.fromkeys(models))
+
+    def events(self, *, residency: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """The new loads, then the residency: after any load, or when asked (``residency``) and it
+        changed since it was last sent. Cheap when nothing happened (once per engine event)."""
+        loads = self.loads()
+        events = [(MODEL_LOADED_EVENT, load) for load in loads]
+        if loads or residency:
+            snapshot = self.snapshot()
+            if loads or snapshot != self._sent:
+                events.append((MODELS_EVENT, snapshot))
+                self._sent = snapshot
+        return events
+
+    def loads(self) -> list[dict[str, Any]]:
+        """``MODEL_LOADED_EVENT`` data for each file loaded since the last call."""
+        records = self.manager.load_stats()  # oldest first, the manager's last 64
+        new = records
+        if self._last is not None:
+            seen = next((i for i in range(len(records) - 1, -1, -1) if records[i] == self._last), -1)
+            new = records[seen + 1 :]
+        if not new:
+            return []
+        self._last = records[-1]
+        files: dict[str, dict[str, Any]] = {}
+        for record in new:
+            item = files.setdefault(
+                record["content_hash"], {"file": record["file"], "seconds": 0.0, "bytes": 0, "parts": []}
+            )
+            item["seconds"] += float(record["seconds"])
+            item["bytes"] += int(record["bytes"])
+            item["parts"].append(record["part"])
+        events = []
+        for content_hash, item in files.items():
+            self._sizes[content_hash] = max(self._sizes.get(content_hash, 0), item["bytes"])
+            self._parts.setdefault(content_hash, set()).update(item["parts"])
+            events.append(
+                {
+                    "model": self.names(content_hash, item["file"])[0],
+                    "seconds": round(item["seconds"], 6),
+                    "hash": content_hash,
+                    "bytes": item["bytes"],
+                    "parts": item["parts"],
+                }
+            )
+        return events
+
+    def snapshot(self) -> dict[str, Any]:
+        """``resident``: ``[{name, hash, parts, bytes, where}]``, least recently used first (the
+        router's order), ``where`` = ``device`` when any part is on the device, else ``host``;
+        ``slots``: how many models of the usual size fit the budgets (None before the first
+        load); ``budget`` and ``used``: bytes of the device and host tiers.
+
+        A file counts as resident while every part ever loaded from it is: one whose UNet was
+        evicted and whose VAE stayed still costs a load.
+        """
+        files: dict[str, dict[str, Any]] = {}
+        for entry in self.manager.resident():  # most recently used first
+            content_hash = entry["content_hash"]
+            item = files.setdefault(
+                content_hash,
+                {"hash": content_hash, "file": entry["file"], "parts": [], "bytes": 0, "where": "host"},
+            )
+            item["parts"].append(entry["part"])
+            item["bytes"] += int(entry["bytes"])
+            if entry["where"] == "device":
+                item["where"] = "device"
+        resident: dict[str, dict[str, Any]] = {}
+        for item in reversed(files.values()):
+            content_hash = item["hash"]
+            self._sizes[content_hash] = max(self._sizes.get(content_hash, 0), item["bytes"])
+            if not self._parts.setdefault(content_hash, set()).issubset(item["parts"]):
+                continue
+            item["parts"].sort()  # in the manager's use order: noise here
+            for name in self.names(content_hash, item.pop("file")):
+                resident.pop(name, None)  # a name whose file changed: the newer content wins
+                resident[name] = {"name": name, **item}
+        budget = {"device": self.manager.device_budget, "host": self.manager.host_budget}
+        # Models in host RAM count as resident (moving one back is far cheaper than reading its
+        # file), so both tiers hold slots; the router evicts least recently used models past it.
+        usual = sum(self._sizes.values()) / len(self._sizes) if self._sizes else 0
+        slots = max(1, int((budget["device"] + budget["host"]) // usual)) if usual else None
+        return {
+            "resident": list(resident.values()),
+            "slots": slots,
+            "budget": budget,
+            "used": self.manager.memory_used(),
+        }
+
+    def names(self, content_hash: str, file: str) -> list[str]:
+        """The model names of a loaded file: those of the expected models with that content."""
+        if not self._names.get(content_hash):
+            self._learn(content_hash, file)
+        return self._names.get(content_hash) or [file]
+
+    def _learn(self, content_hash: str, file: str) -> None:
+        """Hash the expected models' files until one has ``content_hash``, those named ``file``
+        first (the hasher caches by path, size and mtime: a file its loader hashed costs nothing)."""
+        hub = self.manager.hub
+        if hub is None:
+            return
+        for model in sorted(self._expected, key=lambda m: PurePosixPath(m).name != file):
+            folder, _, name = model.partition("/")
+            try:
+                path = hub.find_local(folder, name)  # never a download
+                digest = self.manager.hasher.content_hash(path) if path is not None else None
+            except (KilnError, OSError):
+                continue
+            if digest is None:
+                continue
+            for names in self._names.values():
+                if model in names:
+                    names.remove(model)  # the file under this name changed
+            self._names.setdefault(digest, []).append(model)
+            if digest == content_hash:
+                return

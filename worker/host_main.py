@@ -4,12 +4,18 @@
 imports this module to name ``main`` as the process target, so its top-level imports stay light:
 the engine (and torch) are imported inside ``main``, in the child only.
 
-Messages on the pipe, parent -> child: ``("job", HostJob)``, ``("shutdown",)``.
-Child -> parent: ``("ready", info)`` or ``("fatal", error)`` once at start; then per job any number
-of ``("event", type, data)``, ending with one of ``("result", HostResult)``,
-``("error", error, restart)`` or ``("interrupted", info)``. Interruption does not travel on the
-pipe (the child does not read it while a job runs): the parent sets a shared multiprocessing Event
-that the engine's interrupt checks read.
+Messages on the pipe, parent -> child: ``("job", HostJob)``, ``("preload", "folder/name")``,
+``("shutdown",)``. Child -> parent: ``("ready", info)`` or ``("fatal", error)`` once at start; then
+per job any number of ``("event", type, data)``, ending with one of ``("result", HostResult)``,
+``("error", error, restart)`` or ``("interrupted", info)``; per preload any number of events, then
+``("preloaded", {"model", "error", "restart"})``. Interruption does not travel on the pipe (the
+child does not read it while a job runs): the parent sets a shared multiprocessing Event that the
+engine's interrupt checks read.
+
+Model events: the model manager records its loads; before each engine event, and before a job's or
+preload's last message, the child sends the new ones (``MODEL_LOADED_EVENT``) and then the
+residency (``MODELS_EVENT``: after loads, and at the end when it changed), so the worker counts
+real loads as they happen (``worker.host_io.ModelReporter``).
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from engine.interrupt import InterruptFlag
 from engine.settings import EngineSettings
 
 if TYPE_CHECKING:
+    from engine.models.manager import ModelManager
+    from engine.registry import NodeRegistry
     from engine.runtime import EngineRuntime
     from engine.validation import ValidatedPrompt
     from worker.engine_host import HostJob
-    from worker.host_io import MemorySink, StorageInputResolver
+    from worker.host_io import MemorySink, ModelReporter, StorageInputResolver
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +104,8 @@ def main(config: HostConfig, conn: Connection, interrupt_event: Any) -> None:
             host.run(message[1], conn)
             if config.one_shot:
                 break
+        elif message[0] == "preload":
+            host.preload(message[1], conn)
         else:
             log.warning("Engine host: unknown message %r", message[0])
     conn.close()
@@ -162,13 +172,29 @@ class SharedInterrupt(InterruptFlag):
 
 
 class PipeSink:
-    """An EventSink that sends each engine event to the parent as it happens."""
+    """An EventSink that sends each engine event to the parent as it happens, after the model
+    loads that happened before it (when given a ``ModelReporter``)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, models: ModelReporter | None = None) -> None:
         self._conn = conn
+        self._models = models
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
+        self.send_models()
         self._conn.send(("event", event, data))
+
+    def send_models(self, *, residency: bool = False) -> None:
+        """New loads, then the residency (``ModelReporter.events``). A failing report is logged,
+        never raised: the job's own messages matter more."""
+        if self._models is None:
+            return
+        try:
+            events = self._models.events(residency=residency)
+        except Exception:
+            log.exception("Engine host could not report its models")
+            return
+        for event, data in events:
+            self._conn.send(("event", event, data))
 
 
 class ChildHost:
@@ -181,10 +207,13 @@ class ChildHost:
         inputs: StorageInputResolver | None,
         interrupt: InterruptFlag,
     ) -> None:
+        from worker.host_io import ModelReporter
+
         self.runtime = runtime
         self.outputs = outputs
         self.inputs = inputs
         self.interrupt = interrupt
+        self.models = ModelReporter(runtime.models)
 
     @classmethod
     def build(cls, config: HostConfig, interrupt: InterruptFlag) -> ChildHost:
@@ -217,17 +246,20 @@ class ChildHost:
 
         reply: tuple[Any, ...]
         self.outputs.begin(job.job_id)
+        events = PipeSink(conn, self.models)
+        self.models.expect(job.models)
         scope: AbstractContextManager[Any] = (
             self.inputs.bound(job.tenant) if self.inputs is not None else nullcontext()
         )
         try:
             with scope:
                 validated = restrict_outputs(self.runtime.validate(job.prompt), job.outputs_to_execute)
+                self.models.expect([*job.models, *prompt_models(validated, self.runtime.registry)])
                 result = self.runtime.execute(
                     job.prompt,
                     prompt_id=job.job_id,
                     extra_data=job.extra_data,
-                    events=PipeSink(conn),
+                    events=events,
                     interrupt=self.interrupt,
                     validated=validated,
                 )
@@ -268,11 +300,69 @@ class ChildHost:
             reply = ("error", _exception_error(OUT_OF_MEMORY if oom else "host_error", exc), True)
         finally:
             self.outputs.drain()
+        events.send_models(residency=True)
         try:
             conn.send(reply)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             log.exception("Engine host could not send the result of job %s", job.job_id)
             conn.send(("error", _exception_error("host_error", exc), True))
+
+    def preload(self, model: str, conn: Connection) -> None:
+        """Load ``model`` (``folder/name``) into the model manager ahead of a job; end with one
+        ``("preloaded", {"model", "error", "restart"})``."""
+        events = PipeSink(conn, self.models)
+        self.models.expect([model])
+        info: dict[str, Any] = {"model": model, "error": None, "restart": False}
+        try:
+            preload_model(self.runtime.models, model)
+        except Exception as exc:
+            if not isinstance(exc, KilnError):
+                log.exception("Engine host failed preloading %s", model)
+            oom = is_out_of_memory(exc)
+            info.update(error=f"{type(exc).__name__}: {exc}", restart=oom)
+        events.send_models(residency=True)
+        conn.send(("preloaded", info))
+
+
+# Model folders whose files can be preloaded -> the manager's loader (their canonical names).
+_PRELOADERS = {
+    "checkpoints": "load_checkpoint",
+    "diffusion_models": "load_diffusion_model",
+    "text_encoders": "load_text_encoder",
+    "upscale_models": "load_upscale_model",
+    "vae": "load_vae",
+}
+
+
+def preload_model(manager: ModelManager, model: str) -> None:
+    """Load every part of ``model`` (``folder/name``, the router's name) onto the device when it
+    fits, as its loader node would; raises ModelError for a folder that has no loader here."""
+    from engine.errors import ModelError
+    from engine.models.known_models import canonical_folder
+
+    folder, _, name = model.partition("/")
+    loader = getattr(manager, _PRELOADERS.get(canonical_folder(folder), ""), None) if folder else None
+    if loader is None or not name:
+        raise ModelError(f"{model!r} cannot be preloaded: only {', '.join(sorted(_PRELOADERS))} can")
+    loaded = loader(manager.resolve(folder, name), preload=False)
+    for handle in loaded if isinstance(loaded, tuple) else (loaded,):
+        if handle is not None:
+            manager.preload(handle)
+
+
+def prompt_models(validated: ValidatedPrompt, registry: NodeRegistry) -> list[str]:
+    """Model files a validated prompt names, as ``folder/name``: its model combos' values (the
+    gateway's rule, api/submit.py ``models_needed``)."""
+    from engine.schema import ChoiceSource
+
+    needed: list[str] = []
+    for node in validated.prompt.values():
+        spec = registry.get(node["class_type"])
+        for declared in spec.declared_inputs if spec is not None else ():
+            value, kind = node["inputs"].get(declared.name), declared.choices
+            if isinstance(kind, ChoiceSource) and kind.kind.startswith("models:") and isinstance(value, str):
+                needed.append(f"{kind.kind.removeprefix('models:')}/{value}")
+    return needed
 
 
 def restrict_outputs(validated: ValidatedPrompt, wanted: list[str]) -> ValidatedPrompt:

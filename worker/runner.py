@@ -13,6 +13,7 @@ from typing import Any
 
 from worker.engine_host import (
     EngineHost,
+    EngineHostError,
     HostCrashed,
     HostJob,
     HostResult,
@@ -21,6 +22,7 @@ from worker.engine_host import (
     JobInterrupted,
 )
 from worker.heartbeat import WorkerStats
+from worker.host_io import MODELS_EVENT
 from worker.jobstore import JobStore
 from worker.protocol import MODEL_LOADED_EVENT, JobError, JobRecord, JobStatus, OutputRecord, Progress
 from worker.settings import WorkerSettings
@@ -135,15 +137,28 @@ class JobRunner:
         seconds = time.monotonic() - started
         return RunOutcome(job_id, status.value, job.attempts, seconds)
 
+    def preload(self, model: str) -> bool:
+        """Load ``model`` on the engine host ahead of a job (the router asked; it does so only for
+        an idle worker). Skipped while a job runs: the router asks again if it still wants it."""
+        try:
+            if self.current_job is not None or self.stopping.is_set():
+                log.info("Preload of %s skipped: the worker is busy", model)
+                return False
+            started = time.monotonic()
+            self.host.preload(
+                model, self._on_model_event, deadline_s=self.settings.job_timeout_s, cancel=self.stopping
+            )
+            log.info("Preloaded %s in %.2f s", model, time.monotonic() - started)
+            return True
+        except EngineHostError as exc:
+            log.warning("Preload of %s failed: %s", model, exc)
+            return False
+        finally:
+            self.stats.preload_finished(model)
+
     def _run_attempts(self, job: JobRecord) -> JobStatus:
         messages: list[Any] = []
-        host_job = HostJob(
-            job_id=job.id,
-            tenant=job.tenant,
-            prompt=job.prompt,
-            extra_data=job.extra_data,
-            outputs_to_execute=job.outputs_to_execute,
-        )
+        host_job = HostJob.from_record(job)
         attempt = 0
         while True:
             attempt += 1
@@ -242,11 +257,21 @@ class JobRunner:
         except Exception:  # a host being replaced
             return None
 
-    def _on_event(self, job: JobRecord, event: str, data: dict[str, Any], messages: list[Any]) -> None:
-        if event == MODEL_LOADED_EVENT:  # for the heartbeat and metrics, not for clients
+    def _on_model_event(self, event: str, data: dict[str, Any]) -> bool:
+        """Record the engine host's model events (for the heartbeat and metrics, never for
+        clients); False for any other event."""
+        if event == MODEL_LOADED_EVENT:
             self.stats.model_loaded(
                 str(data["model"]), float(data.get("seconds") or 0.0), data.get("hash"), self._host_pid()
             )
+        elif event == MODELS_EVENT:
+            self.stats.models_reported(data, self._host_pid())
+        else:
+            return False
+        return True
+
+    def _on_event(self, job: JobRecord, event: str, data: dict[str, Any], messages: list[Any]) -> None:
+        if self._on_model_event(event, data):
             return
         if event in STATUS_MESSAGES:
             messages.append([event, data])

@@ -1,10 +1,13 @@
 """Nodes for the model-affinity test (``KILN_NODE_MODULES=tests.e2e.affinity_nodes``).
 
-``TestSimulatedCheckpointLoader`` stands in for ``CheckpointLoaderSimple`` until the engine loads
-checkpoints: the same ``ckpt_name`` combo over the checkpoints folder and a MODEL first output. The
-first time a process uses a checkpoint it hashes the file, sleeps ``KILN_TEST_LOAD_SECONDS``
-(default 1.5) and emits ``MODEL_LOADED_EVENT`` as the model manager will; later uses are warm.
-``TestModelProbe`` consumes the MODEL and takes ``seconds``, like a sampler would.
+``TestModelProbe`` takes the MODEL of a ``CheckpointLoaderSimple`` and borrows its UNet from the
+model manager for ``seconds``, like a sampler would: a worker whose manager evicted the model
+loads it again, as on a real GPU.
+
+``TestSimulatedCheckpointLoader`` is left only for the gateway's routing tests
+(tests/api/test_routing.py), which validate prompts with it: it now loads through the model
+manager exactly as ``CheckpointLoaderSimple`` does (MODEL only). Remove it once they use
+``CheckpointLoaderSimple``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ NODE_SPECS = (
         "TestSimulatedCheckpointLoader",
         category="testing",
         impl=f"{_OPS}:simulated_checkpoint_loader",
-        description="Loads a checkpoint the slow way the first time in a process, then keeps it.",
+        description="CheckpointLoaderSimple's MODEL (kept for the gateway's routing tests).",
         required=(combo("ckpt_name", ChoiceSource("models:checkpoints"), is_path=True),),
         outputs=(OutputSpec(MODEL),),
     ),
@@ -26,7 +29,7 @@ NODE_SPECS = (
         "TestModelProbe",
         category="testing",
         impl=f"{_OPS}:model_probe",
-        description="Uses a MODEL for `seconds`, reporting progress.",
+        description="Uses a MODEL (its weights on the device) for `seconds`, reporting progress.",
         required=(link("model", MODEL), float_input("seconds", 0.5, 0.0, 60.0, step=0.01)),
         output_node=True,
     ),

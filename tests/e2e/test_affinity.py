@@ -2,9 +2,10 @@
 Redis database of their own, so the package's other workers are not in their pool), sharing the
 package cluster's redis-server and S3 server.
 
-Until the engine loads checkpoints, ``LOADER`` is a test node that simulates a load per worker
-process (tests/e2e/affinity_nodes.py). When ``CheckpointLoaderSimple`` lands, switch ``LOADER`` to
-it (one line) and let ``tiny_checkpoint`` write a real tiny checkpoint.
+The prompts load real tiny SD1.5 checkpoints with ``CheckpointLoaderSimple`` (one seed each: distinct
+content hashes) and ``TestModelProbe`` borrows the UNet from the model manager, so every load counted
+on /metrics is a load the worker's engine host really did. Each worker's model budget holds every
+checkpoint here, so a worker loads each at most once: at most 4 loads per test of two models.
 """
 
 from __future__ import annotations
@@ -17,22 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
-from tests.e2e.conftest import Cluster, wait_job
+from engine.models.test_checkpoint import write_test_checkpoint
+from tests.e2e.conftest import TENANT, Cluster, wait_job
 from tests.support.services import free_port, wait_for
 
-LOADER = "TestSimulatedCheckpointLoader"  # -> "CheckpointLoaderSimple" once the engine loads checkpoints
+LOADER = "CheckpointLoaderSimple"
 WORKERS = ("affinity-1", "affinity-2")
-LOAD_SECONDS = 1.5
+# MiB of model memory per worker: a tiny checkpoint takes ~40 MiB in fp32 (mostly its text encoder's
+# 49408-token embedding), so both checkpoints of a test stay resident.
+MODEL_BUDGET_MB = 256
 
 
-def tiny_checkpoint(path: Path, seed: int) -> None:
-    """A small safetensors file (distinct content per seed, so distinct hashes)."""
-    rng = np.random.default_rng(seed)
-    save_file({"weight": rng.standard_normal((16, 16)).astype(np.float32)}, str(path))
+def tiny_checkpoint(path: Path, seed: int) -> Path:
+    """A real tiny SD1.5 checkpoint (a few MB); distinct content per seed, so distinct hashes."""
+    return write_test_checkpoint(path, "sd15", "tiny", seed=seed)
 
 
 def affinity_prompt(checkpoint: str, seconds: float) -> dict[str, Any]:
@@ -60,7 +61,8 @@ def pool(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "KILN_VISIBILITY_TIMEOUT_S": "300",
         "KILN_ORPHAN_GRACE_S": "1",
         "KILN_REBALANCE_INTERVAL_S": "0.25",
-        "KILN_TEST_LOAD_SECONDS": str(LOAD_SECONDS),
+        "KILN_MODELS_DEVICE_BUDGET_MB": str(MODEL_BUDGET_MB),
+        "KILN_ROUTING_ADMIN_TENANTS": f'["{TENANT}"]',
     }
     mine = Cluster(workdir=workdir, redis=cluster.redis, s3=cluster.s3, gateway_port=free_port(), env=env)
     try:
@@ -130,8 +132,33 @@ def test_alternating_jobs_load_each_model_about_once(pool: Cluster):
         workers = {w["id"]: w for w in http.get("/v1/workers").json()["workers"]}
         assert set(WORKERS) <= set(workers)
         assert all(workers[w]["load_seconds"] and workers[w]["job_seconds"] for w in WORKERS)
+        # The model manager's budget and slots: both checkpoints fit.
+        for w in WORKERS:
+            assert workers[w]["model_memory"]["device_budget"] == MODEL_BUDGET_MB * 2**20, workers[w]
+            assert workers[w]["model_slots"] >= 2, workers[w]
         assert metric_sum(http, "kiln_jobs_total", status="succeeded") >= 20
         assert metric_sum(http, "kiln_job_seconds_count", phase="total") >= 20
+
+
+def test_a_pinned_model_is_preloaded_on_the_idle_worker(pool: Cluster):
+    model, worker = "checkpoints/affinity-e.safetensors", WORKERS[0]
+    tiny_checkpoint(pool.workdir / "models" / "checkpoints" / "affinity-e.safetensors", 4)
+    with pool.http() as http:
+        put = http.put(f"/v1/workers/{worker}/config", json={"pinned": [model]})
+        assert put.status_code == 200, put.text
+        try:
+
+            def preloaded() -> bool:
+                beats = {w["id"]: w for w in http.get("/v1/workers").json()["workers"]}
+                return model in {r["name"] for r in beats[worker]["resident"]}
+
+            wait_for(preloaded, 30, "the pinned model's preload", interval=0.2)
+            assert metric_sum(http, "kiln_model_loads_total", model=model, worker=worker) == 1
+            assert metric_sum(http, "kiln_preload_requests_total", reason="pinned") >= 1
+            beat = next(w for w in http.get("/v1/workers").json()["workers"] if w["id"] == worker)
+            assert model not in {p["model"] for p in beat["preload_requests"]}
+        finally:
+            http.put(f"/v1/workers/{worker}/config", json={"pinned": []})
 
 
 @pytest.mark.timeout(240)
