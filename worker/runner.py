@@ -203,10 +203,17 @@ class JobRunner:
             return self._succeed(job, result, messages)
 
     def _finish(self, job: JobRecord, status: JobStatus, **fields: Any) -> bool:
-        """Record the final state; the job's webhook (if any) is queued once the state is final."""
+        """Record the final state; the job's webhook (if any) is queued once the state is final.
+
+        Then the closing ``executing`` (node None) goes out: ComfyUI sends it after the prompt's
+        history is stored, and clients (its script_examples among them) read /history as soon as
+        they see it, so it must not overtake the final state (see ``_on_event``).
+        """
         done = self.store.finish(job, status, **fields)
-        if done and job.webhook:
-            enqueue_webhook(self.store.redis, job, status)
+        if done:
+            if job.webhook:
+                enqueue_webhook(self.store.redis, job, status)
+            self.store.publish(job, "executing", {"node": None, "prompt_id": job.id})
         return done
 
     def _record_failure(self, job: JobRecord, exc: JobFailed, messages: list[Any]) -> JobStatus:
@@ -273,6 +280,8 @@ class JobRunner:
     def _on_event(self, job: JobRecord, event: str, data: dict[str, Any], messages: list[Any]) -> None:
         if self._on_model_event(event, data):
             return
+        if event == "executing" and data.get("node") is None:
+            return  # the engine's "prompt done": sent by _finish once the final state is stored
         if event in STATUS_MESSAGES:
             messages.append([event, data])
         if event == "progress":

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from engine.models.test_checkpoint import write_test_checkpoint
 from tests.support.services import (
     S3_ENV,
     ManagedProcess,
@@ -27,6 +28,7 @@ API_KEY = "e2e-key"
 TENANT = "e2e"
 BUCKET = "kiln-e2e"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+TXT2IMG_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 
 
 @dataclass
@@ -114,8 +116,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "KILN_CANCEL_GRACE_S": "3",
         "KILN_SOFT_SHUTDOWN_TIMEOUT_S": "5",
         "KILN_LOG_LEVEL": "INFO",
+        # Latent previews on every sampler step (binary frames on the WebSocket).
+        "KILN_PREVIEW_INTERVAL": "1",
     }
     (workdir / "models" / "checkpoints").mkdir(parents=True)
+    # The real file name examples/txt2img.json asks for, holding a tiny SD1.5 test checkpoint.
+    write_test_checkpoint(workdir / "models" / "checkpoints" / TXT2IMG_CHECKPOINT, "sd15", "tiny", seed=21)
     cluster = Cluster(workdir=workdir, redis=redis, s3=s3, gateway_port=free_port(), env=env)
     try:
         cluster.start_gateway()
