@@ -4,6 +4,7 @@ event per step, binary preview frames), and the same image the embedded engine m
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
@@ -103,3 +104,27 @@ def test_txt2img_through_the_comfyui_api(cluster: Cluster, tmp_path: Path) -> No
         embedded_pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
     difference = np.abs(cluster_pixels - embedded_pixels)
     assert difference.max() <= 1, difference.max()  # float rounding at most, across processes
+
+
+def test_txt2img_through_the_native_api(cluster: Cluster) -> None:
+    import httpx
+
+    from tests.e2e.conftest import TENANT, wait_job
+
+    prompt = txt2img_prompt()
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["seed"] = 7  # not the cached result of the other test
+    with cluster.http() as http:
+        response = http.post("/v1/jobs", json={"prompt": prompt})
+        assert response.status_code == 202, response.text
+        job = wait_job(http, response.json()["id"])
+    assert job["status"] == "succeeded", (job, cluster.logs())
+    assert job["attempts"] == 1 and job["timings"]["run_s"] > 0
+    [output] = job["outputs"]
+    assert output["key"] == f"{TENANT}/{job['id']}/9_0.png"
+    download = httpx.get(output["url"], timeout=30)  # the presigned URL, straight from the store
+    assert download.status_code == 200
+    assert hashlib.sha256(download.content).hexdigest() == output["sha256"]
+    with Image.open(io.BytesIO(download.content)) as image:
+        assert image.size == (SIZE, SIZE)
