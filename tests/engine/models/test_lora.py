@@ -17,17 +17,14 @@ from torch import Tensor
 from engine.context import NodeContext, NodeResult
 from engine.errors import ModelError, PromptValidationError
 from engine.models.handles import ClipHandle, ModelHandle
-from engine.models.lora import (
-    LoHaPatch,
-    LoKrPatch,
-    LoRAPatch,
-    apply_lora,
-    apply_lora_tensors,
+from engine.models.lora import apply_lora, apply_lora_tensors
+from engine.models.lora_keys import (
     clip_lora_targets,
     diffusers_unet_modules,
     group_tensors,
     unet_lora_targets,
 )
+from engine.models.lora_patches import LoHaPatch, LoKrPatch, LoRAPatch
 from engine.models.manager import ModelManager
 from engine.models.unet import UNetConfig, UNetModel
 from engine.runtime import EngineRuntime
