@@ -45,4 +45,12 @@ async def authenticate(request: Request, state: State) -> str:
     return tenant_for_key(state, api_key_from(request))
 
 
+def caller(request: Request) -> tuple[GatewayState, str]:
+    """The gateway state and the caller's tenant, as ``State`` and ``Tenant`` give them, for the
+    submit routes: resolving FastAPI dependencies costs more there than the rest of the request
+    apart from validation (docs/performance.md)."""
+    state: GatewayState = request.app.state.kiln
+    return state, tenant_for_key(state, api_key_from(request))
+
+
 Tenant = Annotated[str, Depends(authenticate)]

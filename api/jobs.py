@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -13,16 +13,23 @@ import redis.asyncio as aioredis
 from worker import lua
 from worker.celery_wire import redis_list_for, task_message
 from worker.protocol import DEFAULT_QUEUE, FINISHED, Channels, JobRecord, JobStatus, Keys
+from worker.webhooks import delivery_for
 
 
 class QueueFull(Exception):
     """Raised when a tenant already has its maximum of queued and running jobs."""
 
 
+class JobIdTaken(Exception):
+    """Raised when a job is created with the id of a job that exists (a reused ``prompt_id``)."""
+
+
 @dataclass(frozen=True)
 class Created:
     job: JobRecord
     created: bool  # False when an Idempotency-Key matched an earlier job
+    # The validator's errors for outputs refused while others run (ComfyUI's ``node_errors``).
+    node_errors: dict[str, Any] = field(default_factory=dict)
 
 
 class GatewayJobs:
@@ -54,7 +61,7 @@ class GatewayJobs:
         """Record the job and queue its task in one step; raises QueueFull over the tenant's cap."""
         fields = record.to_redis()
         fields.pop("number", None)
-        flat = [item for pair in fields.items() for item in pair]
+        flat = json.dumps([item for pair in fields.items() for item in pair], ensure_ascii=False)
         job_id, number, created = await self._create(
             keys=[
                 Keys.job(record.id),
@@ -72,9 +79,11 @@ class GatewayJobs:
                 lua.priority_base(record.priority),
                 record.created_at,
                 task_message(record.id, queue, record.priority),
-                *flat,
+                flat,
             ],
         )
+        if int(number) == -2:
+            raise JobIdTaken(f"prompt_id {record.id} is already used")
         if int(number) < 0:
             raise QueueFull(f"Tenant {record.tenant} has {self.max_queued_per_tenant} jobs queued or running")
         job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
@@ -84,7 +93,6 @@ class GatewayJobs:
                 raise QueueFull("Idempotent job expired; retry")
             return Created(existing, False)
         record.number = int(number)
-        await self.redis.publish(Channels.broadcast(), json.dumps({"type": "queue_changed"}))
         return Created(record, True)
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -132,6 +140,10 @@ class GatewayJobs:
     async def queued_count(self) -> int:
         return int(await self.redis.zcard(Keys.pending()))
 
+    async def active_count(self, tenant: str) -> int:
+        """How many of a tenant's jobs are queued or running (ComfyUI's ``queue_remaining``)."""
+        return int(await self.redis.scard(Keys.tenant_active(tenant)))
+
     async def queued_and_running(self, tenant: str) -> tuple[list[JobRecord], list[JobRecord]]:
         """A tenant's (running, queued) jobs, each in queue order."""
         ids = [i.decode() for i in await self.redis.smembers(Keys.tenant_active(tenant))]
@@ -146,15 +158,21 @@ class GatewayJobs:
     async def cancel(self, job: JobRecord) -> str:
         """Cancel a queued job now, or ask the running job's worker to stop it. Returns the outcome."""
         error = json.dumps({"type": "cancelled", "message": "Cancelled by request"})
+        # A job cancelled while queued is finished by the script: its webhook is queued there too.
+        webhook = delivery_for(job, JobStatus.CANCELLED).to_json() if job.webhook else ""
         outcome = await self._cancel(
-            keys=[Keys.job(job.id), Keys.pending(), Keys.running(), Keys.tenant_active(job.tenant)],
-            args=[time.time(), self.history_ttl_s, error],
+            keys=[
+                Keys.job(job.id),
+                Keys.pending(),
+                Keys.running(),
+                Keys.tenant_active(job.tenant),
+                Keys.webhooks(),
+            ],
+            args=[time.time(), self.history_ttl_s, error, webhook],
         )
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         if outcome == "cancelling" and job.worker:
             await self.redis.publish(Channels.control(job.worker), json.dumps({"cancel": job.id}))
-        if outcome in ("cancelled", "cancelling"):
-            await self.redis.publish(Channels.broadcast(), json.dumps({"type": "queue_changed"}))
         return outcome
 
     async def delete(self, job: JobRecord) -> bool:

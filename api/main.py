@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
@@ -154,12 +156,29 @@ def create_app(settings: GatewaySettings, engine_settings: EngineSettings | None
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.include_router(comfy.router)
-    app.include_router(comfy.router, prefix="/api", include_in_schema=False)
+    # Routes are matched in order, one by one: the native jobs API first, the /api copies of
+    # ComfyUI's routes last (POST /prompt is first of ComfyUI's).
     app.include_router(jobs.router)
+    app.include_router(comfy.router)
     app.include_router(system.router)
     app.include_router(ws.router)
+    app.include_router(comfy.router, prefix="/api", include_in_schema=False)
 
     app.add_middleware(BodyLimit, limit=engine_settings.max_body_bytes)
     app.add_middleware(RequestTimer)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of several gateway processes (``kiln serve`` with ``gateway_processes`` > 1):
+    the flags ``kiln serve`` was given, then the environment and the config file, as there."""
+    from api.cli import SERVE_FLAGS_ENV
+    from api.settings import load_gateway_settings
+    from engine.settings import load_settings
+
+    flags = json.loads(os.environ.get(SERVE_FLAGS_ENV) or "{}")
+    config = Path(flags["config"]) if flags.get("config") else None
+    return create_app(
+        load_gateway_settings(config, **flags.get("gateway", {})),
+        load_settings(config, **flags.get("engine", {})),
+    )

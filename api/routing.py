@@ -297,6 +297,13 @@ class Timeline:
 
 def timeline(worker: WorkerView, now: float, est: Estimates) -> Timeline:
     """Run the worker's queue forward from ``now``."""
+    t, resident = _start(worker, now, est)
+    return _advance(worker, t, resident, worker.queue, est)
+
+
+def _start(worker: WorkerView, now: float, est: Estimates) -> tuple[float, list[str]]:
+    """When the worker can start on its queue (after its loads and its running job), and what is
+    resident then."""
     t = now
     resident = list(worker.resident)
     for model, ready_at in worker.loading.items():
@@ -307,7 +314,54 @@ def timeline(worker: WorkerView, now: float, est: Estimates) -> Timeline:
         expected = sum(est.load_s(worker, m) for m in running.cold) + est.job_s(worker, running.job)
         t = max(t, running.started_at + expected)
         resident = touch(resident, running.job.models, worker.slots, worker.pinned)
-    return _advance(worker, t, resident, worker.queue, est)
+    return t, resident
+
+
+@dataclass
+class _Run:
+    """A worker's queue run forward from its start, in seconds from the start."""
+
+    resident_at_start: list[str]
+    jobs: list[JobView] = field(default_factory=list)
+    seconds_to: list[float] = field(default_factory=list)  # to the end of each job
+    resident_before: list[list[str]] = field(default_factory=list)
+    resident: list[str] = field(default_factory=list)  # after the last job
+
+
+class Timelines:
+    """The timelines of one pool's workers, kept between the routing decisions made on that pool:
+    a decision re-runs only the part of a worker's queue that changed since the last one (usually
+    just the job that decision added at its end), not the whole queue. For a pool whose workers'
+    figures do not change (one snapshot read from Redis); ``timeline`` is the uncached answer."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, _Run] = {}
+
+    def timeline(self, worker: WorkerView, now: float, est: Estimates) -> Timeline:
+        t, resident = _start(worker, now, est)
+        run = self._runs.get(worker.id)
+        if run is None or run.resident_at_start != resident:
+            run = self._runs[worker.id] = _Run(resident, resident=resident)
+        queue = worker.queue
+        kept = len(run.jobs)
+        # The common case, a job added at the end, in one C-level comparison (identical views compare
+        # by identity first; equal views cost the same); else find where the queue changed.
+        if queue[:kept] != run.jobs:
+            kept, limit = 0, min(len(queue), kept)
+            while kept < limit and queue[kept] == run.jobs[kept]:
+                kept += 1
+        if kept < len(run.jobs):
+            run.resident = run.resident_before[kept]
+            del run.jobs[kept:], run.seconds_to[kept:], run.resident_before[kept:]
+        seconds = run.seconds_to[-1] if run.seconds_to else 0.0
+        for job in queue[kept:]:
+            run.jobs.append(job)
+            run.resident_before.append(run.resident)
+            seconds += _cost(worker, job, run.resident, est)
+            run.resident = touch(run.resident, job.models, worker.slots, worker.pinned)
+            run.seconds_to.append(seconds)
+        finishes = [t + s for s in run.seconds_to]
+        return Timeline(t, t + seconds, run.resident, finishes, list(run.resident_before))
 
 
 def _advance(
@@ -372,13 +426,22 @@ class Router:
 
     # -- routing one job -------------------------------------------------------------------------
 
-    def route(self, job: JobView, pool: PoolView, now: float) -> Route:
-        """Where a new job goes (worker and place in its run order). Records its models' demand."""
+    def route(self, job: JobView, pool: PoolView, now: float, timelines: Timelines | None = None) -> Route:
+        """Where a new job goes (worker and place in its run order). Records its models' demand.
+        ``timelines``: kept across the decisions made on this same ``pool`` (see Timelines)."""
         self.demand.record(job.models, now)
         self.arrivals.record([job.key], now)
-        return self._choose(job, pool, now, Estimates(pool, self.policy))
+        return self._choose(job, pool, now, Estimates(pool, self.policy), timelines=timelines)
 
-    def _choose(self, job: JobView, pool: PoolView, now: float, est: Estimates, batch: bool = True) -> Route:
+    def _choose(
+        self,
+        job: JobView,
+        pool: PoolView,
+        now: float,
+        est: Estimates,
+        batch: bool = True,
+        timelines: Timelines | None = None,
+    ) -> Route:
         live = pool.live()
         pinned = job.pin_worker is not None or job.pin_gpu_class is not None
         if not live and not pinned:
@@ -390,7 +453,7 @@ class Router:
         pressure = self.policy.load_pressure_weight * self._pressure(live, now, est)
         best: tuple[tuple[float, int, str], WorkerView, _Placement] | None = None
         for worker in candidates:
-            placement = self._best_placement(worker, job, now, est, copies, batch, pressure)
+            placement = self._best_placement(worker, job, now, est, copies, batch, pressure, timelines)
             key = (placement.score, len(worker.queue), worker.id)
             if best is None or key < best[0]:
                 best = (key, worker, placement)
@@ -412,6 +475,7 @@ class Router:
         copies: dict[str, int],
         batch: bool,
         pressure: float = 0.0,
+        timelines: Timelines | None = None,
     ) -> _Placement:
         """The cheapest place for ``job`` in ``worker``'s run order.
 
@@ -423,18 +487,19 @@ class Router:
         expected reload cost of what it evicts."""
         queue = worker.queue
         end = worker.insert_position(job)
-        first = end
-        while first > 0 and queue[first - 1].step == job.step:
-            first -= 1
-        base = timeline(worker, now, est)
+        base = timelines.timeline(worker, now, est) if timelines is not None else timeline(worker, now, est)
         positions = {end}
         if batch and job.models:
-            # The oldest same-priority job that may still be overtaken bounds how early we go.
-            limit = first
-            for index in range(end - 1, first - 1, -1):
-                if now - queue[index].created_at >= self.policy.overtake_age_s:
-                    limit = index + 1
-                    break
+            # How early it may go: back over the jobs of its priority, up to the first that has
+            # waited overtake_age_s (the bound on unfairness). Walked only for batching: a queue of
+            # thousands is not scanned for a job that loads no model.
+            limit = end
+            while (
+                limit > 0
+                and queue[limit - 1].step == job.step
+                and now - queue[limit - 1].created_at < self.policy.overtake_age_s
+            ):
+                limit -= 1
             for index in range(limit, end):
                 if any(m in queue[index].models for m in job.models):
                     positions.add(index + 1)
@@ -502,7 +567,7 @@ class Router:
 
     # -- rebalancing -----------------------------------------------------------------------------
 
-    def plan(self, pool: PoolView, now: float) -> list[Move | Preload]:
+    def plan(self, pool: PoolView, now: float, timelines: Timelines | None = None) -> list[Move | Preload]:
         """Moves and preloads for this moment: reap the queues of dead workers and the shared
         queue, let soon-idle workers steal jobs that finish sooner there, preload models.
 
@@ -517,18 +582,18 @@ class Router:
             for job in list(dead.queue):
                 if job.pin_worker == dead.id:
                     continue  # waits for its worker to come back
-                route = self._choose(job, pool, now, est, batch=False)
+                route = self._choose(job, pool, now, est, batch=False, timelines=timelines)
                 if route.worker is not None:
                     dead.queue.remove(job)
                     self._append(pool.workers[route.worker], job)
                     actions.append(Move(job, dead.id, route.worker, "reap"))
         for job in list(pool.shared):
-            route = self._choose(job, pool, now, est, batch=False)
+            route = self._choose(job, pool, now, est, batch=False, timelines=timelines)
             if route.worker is not None:
                 pool.shared.remove(job)
                 self._append(pool.workers[route.worker], job)
                 actions.append(Move(job, None, route.worker, "shared"))
-        actions.extend(self._steals(pool, live, now, est))
+        actions.extend(self._steals(pool, live, now, est, timelines))
         actions.extend(self._preloads(pool, live, now, est))
         return actions
 
@@ -536,9 +601,19 @@ class Router:
     def _append(worker: WorkerView, job: JobView) -> None:
         worker.queue.insert(worker.insert_position(job), job)
 
-    def _steals(self, pool: PoolView, live: list[WorkerView], now: float, est: Estimates) -> list[Move]:
+    def _steals(
+        self,
+        pool: PoolView,
+        live: list[WorkerView],
+        now: float,
+        est: Estimates,
+        cache: Timelines | None = None,
+    ) -> list[Move]:
+        def line(worker: WorkerView) -> Timeline:
+            return cache.timeline(worker, now, est) if cache is not None else timeline(worker, now, est)
+
         moves: list[Move] = []
-        timelines = {w.id: timeline(w, now, est) for w in live}
+        timelines = {w.id: line(w) for w in live}
         copies = self._copies(live)
         pressure = self.policy.load_pressure_weight * self._pressure(live, now, est)
         for thief in sorted(live, key=lambda w: (timelines[w.id].free_at, w.id)):
@@ -576,8 +651,8 @@ class Router:
             victim.queue.remove(job)
             self._append(thief, job)
             moves.append(Move(job, victim.id, thief.id, "steal"))
-            timelines[victim.id] = timeline(victim, now, est)
-            timelines[thief.id] = timeline(thief, now, est)
+            timelines[victim.id] = line(victim)
+            timelines[thief.id] = line(thief)
         return moves
 
     def _preloads(self, pool: PoolView, live: list[WorkerView], now: float, est: Estimates) -> list[Preload]:
@@ -625,6 +700,11 @@ class Router:
 
 
 # == the gateway's adapter ======================================================================
+
+# A pool snapshot is re-read at most once per this many times the duration of the last read, and
+# kept at most READ_REUSE_MAX_S for that reason (a read slowed by a Redis restart must not freeze it).
+READ_SPACING = 20.0
+READ_REUSE_MAX_S = 5.0
 
 
 class RoutingSettings(BaseSettings):
@@ -728,6 +808,8 @@ class PoolSnapshot:
     messages: dict[str, _Queued] = field(default_factory=dict)
     # Messages waiting per queue name (every priority list), dead workers' queues included.
     depths: dict[str, int] = field(default_factory=dict)
+    # The workers' timelines, kept across the routing decisions made on this snapshot.
+    timelines: Timelines = field(default_factory=Timelines)
 
 
 class RoutingService:
@@ -751,6 +833,12 @@ class RoutingService:
         # Jobs routed here that a read may miss (their create was in flight): id -> (worker, job, at).
         self._inflight: dict[str, tuple[str, JobView, float]] = {}
         self._preloads_sent: dict[tuple[str, str], float] = {}
+        # Caches of what never changes, kept for what is queued now: message -> job id, job id ->
+        # its view (models, priority, pins). A snapshot then reads each queued job once, not per read.
+        self._message_ids: dict[bytes, str | None] = {}
+        self._views: dict[str, JobView] = {}
+        self._queue_marked: dict[str, float] = {}
+        self._read_s = 0.0  # how long the last snapshot read took
         self._config_written = False
         self._token = uuid.uuid4().hex
 
@@ -765,9 +853,17 @@ class RoutingService:
             return self._snapshot
         async with self._refreshing:
             if not self._fresh(max_age_s):
+                began = time.perf_counter()
                 self._snapshot = await self._read()
+                self._read_s = time.perf_counter() - began
             assert self._snapshot is not None
             return self._snapshot
+
+    def _reuse_s(self) -> float:
+        """How long a snapshot is good for the routing and rebalancing it takes: a read costs time in
+        proportion to the queued messages, so with a deep backlog reads are spaced out to stay under
+        ~1/READ_SPACING of the gateway's time (0 while reads are quick: always read afresh)."""
+        return min(READ_SPACING * self._read_s, READ_REUSE_MAX_S)
 
     def _fresh(self, max_age_s: float | None) -> bool:
         current = self._snapshot
@@ -776,9 +872,12 @@ class RoutingService:
     async def _read(self) -> PoolSnapshot:
         now = time.time()
         await self._write_config_once()
-        worker_ids = {w.decode() for w in await self.redis.smembers(Keys.workers())}
-        queues = {q.decode() for q in await self.redis.zrange(Keys.worker_queues(), 0, -1)}
-        worker_ids |= {w for w in (queue_worker(q) for q in queues) if w}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(Keys.workers())
+            pipe.zrange(Keys.worker_queues(), 0, -1)
+            members, queues = await pipe.execute()
+        worker_ids = {w.decode() for w in members}
+        worker_ids |= {w for w in (queue_worker(q.decode()) for q in queues) if w}
         ordered = sorted(worker_ids)
         all_lists = [(None, key) for key in queue_lists(DEFAULT_QUEUE)]
         all_lists += [(w, key) for w in ordered for key in queue_lists(worker_queue(w))]
@@ -787,7 +886,7 @@ class RoutingService:
                 pipe.get(Keys.worker(worker_id))
                 pipe.hgetall(Keys.worker_config(worker_id))
             for _, key in all_lists:
-                pipe.lrange(key, 0, -1)
+                pipe.llen(key)
             rows = await pipe.execute()
         beats: dict[str, dict[str, Any]] = {}
         configs: dict[str, dict[str, Any]] = {}
@@ -796,16 +895,14 @@ class RoutingService:
             if raw is not None:
                 beats[worker_id] = json.loads(raw)
             configs[worker_id] = self._config(worker_id, config)
-        # Messages in run order: the most urgent list first, each list from its right end.
-        placed: list[tuple[str | None, str, bytes, str]] = []
+        lengths = rows[2 * len(ordered) :]
         depths: dict[str, int] = {}
-        for (owner, key), items in zip(all_lists, rows[2 * len(ordered) :], strict=True):
+        for (owner, _), length in zip(all_lists, lengths, strict=True):
             queue = worker_queue(owner) if owner else DEFAULT_QUEUE
-            depths[queue] = depths.get(queue, 0) + len(items)
-            for payload in reversed(items):
-                job_id = message_job_id(payload)
-                if job_id is not None:
-                    placed.append((owner, key, payload, job_id))
+            depths[queue] = depths.get(queue, 0) + int(length)
+        # What is queued matters only when a live worker may take it (routing, stealing, reaping):
+        # without one, the depths are all a snapshot needs, whatever the backlog.
+        placed = await self._list_contents(all_lists, lengths) if beats else []
         views = await self._job_views([job_id for *_, job_id in placed])
         pool = PoolView()
         for worker_id in ordered:
@@ -822,6 +919,30 @@ class RoutingService:
         self._add_inflight(pool, messages, now)
         return PoolSnapshot(pool, now, beats, configs, messages, depths)
 
+    async def _list_contents(
+        self, lists: list[tuple[str | None, str]], lengths: list[int]
+    ) -> list[tuple[str | None, str, bytes, str]]:
+        """(owner, list key, message, job id) of every queued message, in run order: the most urgent
+        list first, each list from its right end. Job ids are parsed once per message, not per read."""
+        wanted = [(owner, key) for (owner, key), length in zip(lists, lengths, strict=True) if int(length)]
+        if not wanted:
+            self._message_ids = {}
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, key in wanted:
+                pipe.lrange(key, 0, -1)
+            rows = await pipe.execute()
+        known, seen = self._message_ids, {}
+        placed = []
+        for (owner, key), items in zip(wanted, rows, strict=True):
+            for payload in reversed(items):
+                job_id = known[payload] if payload in known else message_job_id(payload)
+                seen[payload] = job_id
+                if job_id is not None:
+                    placed.append((owner, key, payload, job_id))
+        self._message_ids = seen
+        return placed
+
     def _add_inflight(self, pool: PoolView, messages: dict[str, _Queued], now: float) -> None:
         running = {w.running.job.id for w in pool.workers.values() if w.running is not None}
         for job_id, (worker_id, job, at) in list(self._inflight.items()):
@@ -833,19 +954,26 @@ class RoutingService:
                 worker.queue.insert(worker.insert_position(job), job)
 
     async def _job_views(self, job_ids: list[str]) -> dict[str, JobView]:
-        if not job_ids:
-            return {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(Keys.job(job_id), "models", "priority", "created_at", "pin", "status")
-            rows = await pipe.execute()
-        views = {}
-        for job_id, row in zip(job_ids, rows, strict=True):
-            models, priority, created_at, pin, status = (v.decode() if v is not None else None for v in row)
-            if status != "queued":
-                continue  # gone, cancelled, or claimed by a worker: stale
+        """Views of the jobs among ``job_ids`` that are still queued (the others are stale: gone,
+        cancelled, or claimed by a worker). What routing reads of a job never changes, so each job
+        is read once; whether it is still queued is one ZMSCORE on the pending set for them all."""
+        known = self._views
+        missing = [job_id for job_id in job_ids if job_id not in known]
+        scores: list[float | None] = []
+        rows: list[list[bytes | None]] = []
+        if job_ids:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zmscore(Keys.pending(), job_ids)
+                for job_id in missing:
+                    pipe.hmget(Keys.job(job_id), "models", "priority", "created_at", "pin")
+                scores, *rows = await pipe.execute()
+        read = {job_id: known[job_id] for job_id in job_ids if job_id in known}
+        for job_id, row in zip(missing, rows, strict=True):
+            if all(value is None for value in row):
+                continue  # the record is gone
+            models, priority, created_at, pin = (v.decode() if v is not None else None for v in row)
             pins = json.loads(pin) if pin else {}
-            views[job_id] = JobView(
+            read[job_id] = JobView(
                 id=job_id,
                 models=tuple(json.loads(models) if models else ()),
                 priority=int(priority) if priority else DEFAULT_PRIORITY,
@@ -853,7 +981,17 @@ class RoutingService:
                 pin_worker=pins.get("worker"),
                 pin_gpu_class=pins.get("gpu_class"),
             )
-        return views
+        # Keep only what is queued now (the cache never outgrows the queues), and the jobs routed here
+        # meanwhile (their messages may have been written after the lists were read).
+        for job_id, (_, job, _) in self._inflight.items():
+            read.setdefault(job_id, job)
+        self._views = read
+        # Queued <=> in the pending set (CREATE, REQUEUE add; CLAIM, CANCEL, FINISH remove).
+        return {
+            job_id: read[job_id]
+            for job_id, score in zip(job_ids, scores, strict=True)
+            if score is not None and job_id in read
+        }
 
     def _config(self, worker_id: str, stored: dict[bytes, bytes]) -> dict[str, Any]:
         config: dict[str, Any] = {k.decode(): json.loads(v) for k, v in stored.items()}
@@ -897,10 +1035,10 @@ class RoutingService:
 
     async def route(self, record: JobRecord) -> Route:
         """Choose a new job's queue and place (sets ``record.queue``); ``create`` comes next."""
-        snapshot = await self.snapshot(self.settings.pool_max_age_s)
+        snapshot = await self.snapshot(max(self.settings.pool_max_age_s, self._reuse_s()))
         job = job_view(record)
         now = time.time()
-        route = self.router.route(job, snapshot.pool, now)
+        route = self.router.route(job, snapshot.pool, now, snapshot.timelines)
         log.debug("Job %s routed: %s (%d live workers)", job.id, route, len(snapshot.pool.live()))
         if self.metrics is not None:
             self.metrics.routed.labels(route.reason).inc()
@@ -911,7 +1049,12 @@ class RoutingService:
         worker = snapshot.pool.workers[route.worker]
         worker.queue.insert(route.position if route.position is not None else len(worker.queue), job)
         self._inflight[job.id] = (route.worker, job, now)
-        await self.redis.zadd(Keys.worker_queues(), {record.queue: now})
+        self._views[job.id] = job
+        # The reaper's set needs the queue before the job is in it; once a second is enough (the
+        # score only counts against a retention of hours), not a round trip per submit.
+        if now - self._queue_marked.get(record.queue, 0.0) >= 1.0:
+            await self.redis.zadd(Keys.worker_queues(), {record.queue: now})
+            self._queue_marked[record.queue] = now
         return route
 
     async def place(self, record: JobRecord, route: Route) -> bool:
@@ -930,18 +1073,22 @@ class RoutingService:
     # -- rebalancing -----------------------------------------------------------------------------
 
     async def tick(self) -> list[Move | Preload]:
-        """One rebalancing round; returns what was applied."""
-        snapshot = await self.snapshot()
+        """One rebalancing round; returns what was applied. Only the gateway process holding the
+        lease runs rounds: the others (replicas, ``kiln serve --gateway-processes``) would read the same pool
+        and find the same moves."""
+        if not await self._lease():
+            return []
+        snapshot = await self.snapshot(self._reuse_s())
         now = time.time()
         await self._watch_queues(snapshot, now)
         if await self._redeliver_orphans(snapshot, now):
             snapshot = await self.snapshot()
         actions = [
             a
-            for a in self.router.plan(snapshot.pool, now)
+            for a in self.router.plan(snapshot.pool, now, snapshot.timelines)
             if not isinstance(a, Preload) or self._preload_due(a, now)
         ]
-        if not actions or not await self._lease():
+        if not actions:
             return []
         applied: list[Move | Preload] = []
         for action in actions:

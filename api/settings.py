@@ -46,6 +46,19 @@ class GatewaySettings(BaseSettings):
     inventory_cache_s: float = Field(2.0, ge=0, description="How long the model inventory is cached.")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest upload.")
     webhook_secret: SecretStr | None = Field(None, description="HMAC key for webhook signatures.")
+    webhook_allow_private: bool = Field(
+        False,
+        description="Accept webhook URLs whose host is a loopback, private or link-local address "
+        "(the workers' setting of the same name checks the resolved addresses at delivery).",
+    )
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host name patterns webhook URLs must match (fnmatch, e.g. *.example.com), "
+        "as JSON or comma-separated; empty = any host.",
+    )
+    gateway_processes: int = Field(
+        1, ge=1, le=64, description="Gateway processes sharing the port (uvicorn workers)."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -56,6 +69,16 @@ class GatewaySettings(BaseSettings):
                 return json.loads(text)
             pairs = [item.split(":", 1) for item in text.split(",") if item.strip()]
             return {key.strip(): tenant.strip() for key, tenant in pairs}
+        return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _parse_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip().lower() for item in text.split(",") if item.strip()]
         return value
 
     @model_validator(mode="after")

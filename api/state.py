@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
 
 from api.jobs import GatewayJobs
 from api.routing import RoutingService, load_routing_settings
 from api.settings import GatewaySettings
 from engine.inventory import FolderInventory, StaticInventory
 from engine.registry import NodeRegistry
+from engine.schema import ChoiceSource
 from engine.settings import EngineSettings
 from worker.protocol import Keys
 from worker.storage import Storage
@@ -61,6 +64,15 @@ class Metrics:
             registry=self.registry,
         )
 
+    def exposition(self) -> CollectorRegistry:
+        """What ``/metrics`` reports: this process's registry, or, when the gateway runs as several
+        processes (``PROMETHEUS_MULTIPROC_DIR`` set, see api/cli.py), the sum over all of them."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return self.registry
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return combined
+
 
 @dataclass
 class GatewayState:
@@ -75,6 +87,7 @@ class GatewayState:
     routing: RoutingService | None = None
     _models: dict[str, list[str]] = field(default_factory=dict)
     _models_at: float = 0.0
+    _upload_classes: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.routing is None:
@@ -86,9 +99,10 @@ class GatewayState:
         return self.routing
 
     async def model_choices(self) -> dict[str, list[str]]:
-        """``models:<folder>`` -> names, from the workers' inventories and local model folders."""
+        """``models:<folder>`` -> names, from the workers' inventories and local model folders;
+        read at most once per ``inventory_cache_s`` (an empty inventory is cached too)."""
         now = time.monotonic()
-        if self._models and now - self._models_at < self.settings.inventory_cache_s:
+        if self._models_at and now - self._models_at < self.settings.inventory_cache_s:
             return self._models
         folders = {f.decode() for f in await self.redis.smembers(Keys.inventory_folders())}
         local = FolderInventory(self.engine_settings.input_dir, self.engine_settings.models_dirs)
@@ -109,9 +123,33 @@ class GatewayState:
         self._models, self._models_at = choices, now
         return choices
 
-    async def inventory_for(self, tenant: str) -> StaticInventory:
-        """What a tenant's prompts may name: every model, and the tenant's own uploads."""
+    def upload_classes(self) -> frozenset[str]:
+        """Node classes with an input that names an upload (``ChoiceSource("input_images")``)."""
+        if self._upload_classes is None:
+            self._upload_classes = frozenset(
+                spec.class_type
+                for spec in self.registry
+                if any(
+                    isinstance(i.choices, ChoiceSource) and i.choices.kind == "input_images"
+                    for i in spec.declared_inputs
+                )
+            )
+        return self._upload_classes
+
+    def names_uploads(self, prompt: Any) -> bool:
+        """Whether a prompt has a node that may name an upload (most do not: their validation
+        needs no read of the tenant's uploads)."""
+        if not isinstance(prompt, dict):
+            return False
+        classes = self.upload_classes()
+        names = (node.get("class_type") for node in prompt.values() if isinstance(node, dict))
+        return any(isinstance(name, str) and name in classes for name in names)
+
+    async def inventory_for(self, tenant: str, prompt: Any = None) -> StaticInventory:
+        """What a tenant's prompts may name: every model, and the tenant's own uploads (read only
+        when ``prompt`` is None, for listings, or has a node that may name one)."""
         choices = dict(await self.model_choices())
-        uploads = await self.redis.smembers(Keys.uploads(tenant))
-        choices["input_images"] = sorted(u.decode() for u in uploads)
+        if prompt is None or self.names_uploads(prompt):
+            uploads = await self.redis.smembers(Keys.uploads(tenant))
+            choices["input_images"] = sorted(u.decode() for u in uploads)
         return StaticInventory(choices)

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from typing import Any
 
 from fastapi import Request
 
 from api.errors import PayloadTooLarge, RateLimited, ServiceUnavailable
-from api.jobs import Created, new_job_id
+from api.jobs import Created, JobIdTaken, new_job_id
+from api.settings import GatewaySettings
 from api.state import GatewayState
 from engine.errors import PromptValidationError
 from engine.prompt_json import parse_json
@@ -22,6 +24,7 @@ from engine.schema import ChoiceSource
 from engine.validation import ValidatedPrompt, prompt_error, validate_prompt
 from worker.celery_wire import DEFAULT_PRIORITY, MAX_PRIORITY
 from worker.protocol import JobRecord, JobStatus
+from worker.webhooks import WebhookRefused, check_url
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -93,19 +96,36 @@ def placement_pins(extra_data: dict[str, Any]) -> dict[str, str]:
     return pins
 
 
+def check_webhook(url: str, settings: GatewaySettings) -> None:
+    """A job's webhook URL: http(s) with a host, not too long, not a literal private address
+    (unless ``webhook_allow_private``), and on ``webhook_allowed_hosts`` when that is set. The host
+    is not resolved here: deliveries check the addresses it resolves to (worker/webhooks.py)."""
+    try:
+        parsed, _ = check_url(url, settings.webhook_allow_private)
+    except WebhookRefused as exc:
+        raise invalid(f"webhook: {exc}", "webhook") from exc
+    host = (parsed.hostname or "").rstrip(".").lower()
+    allowed = settings.webhook_allowed_hosts
+    if allowed and not any(fnmatchcase(host, pattern.lower()) for pattern in allowed):
+        raise invalid(f"webhook: {host} is not an allowed webhook host", "webhook")
+
+
 async def submit(state: GatewayState, tenant: str, submission: Submission) -> Created:
-    """Validate and enqueue; raises PromptValidationError (400) or RateLimited (429)."""
+    """Validate and enqueue; raises PromptValidationError (400) or RateLimited (429). The result
+    carries the validator's ``node_errors`` (outputs refused while others run)."""
     if submission.job_id is not None and not _JOB_ID.match(submission.job_id):
         raise invalid("prompt_id must be 1-64 letters, digits, '-' or '_'")
     if not 0 <= submission.priority <= MAX_PRIORITY:
         raise invalid(f"priority must be between 0 and {MAX_PRIORITY}")
+    if submission.webhook is not None:
+        check_webhook(submission.webhook, state.settings)
     wait = await state.jobs.take_token(
         tenant, state.settings.rate_limit_per_s, state.settings.rate_limit_burst
     )
     if wait > 0:
         state.metrics.rejected.labels("rate_limited").inc()
         raise RateLimited("Too many submissions", headers={"Retry-After": str(max(1, math.ceil(wait)))})
-    inventory = await state.inventory_for(tenant)
+    inventory = await state.inventory_for(tenant, submission.prompt)
     try:
         validated = validate_prompt(
             submission.prompt, state.registry, inventory, state.engine_settings.validation_limits()
@@ -113,8 +133,6 @@ async def submit(state: GatewayState, tenant: str, submission: Submission) -> Cr
     except PromptValidationError:
         state.metrics.rejected.labels("invalid_prompt").inc()
         raise
-    if submission.job_id is not None and await state.jobs.get(submission.job_id) is not None:
-        raise invalid(f"prompt_id {submission.job_id} is already used")
     pins = placement_pins(submission.extra_data)
     record = JobRecord(
         id=submission.job_id or new_job_id(),
@@ -139,8 +157,14 @@ async def submit(state: GatewayState, tenant: str, submission: Submission) -> Cr
             headers={"Retry-After": "5"},
         )
     assert record.queue is not None
-    created = await state.jobs.create(record, queue=record.queue, idempotency_key=submission.idempotency_key)
+    try:
+        created = await state.jobs.create(
+            record, queue=record.queue, idempotency_key=submission.idempotency_key
+        )
+    except JobIdTaken as exc:  # checked in the create script: two submits with one id cannot both win
+        raise invalid(str(exc)) from exc
     if created.created:
         state.metrics.submitted.labels(tenant).inc()
         await state.router.place(record, route)
+        return replace(created, node_errors=validated.node_errors)
     return created

@@ -4,10 +4,10 @@ workflow (EmptyImage 8x8 -> ImageInvert -> SaveImage).
 
 (a) submit-to-start: one job at a time on an idle worker; latency from the client's send to the
     job's ``started_at`` (the worker's claim), also from the gateway's ``created_at``.
-(b) submit throughput: ``POST /v1/jobs`` from a separate load-generator process (raw asyncio
-    HTTP/1.1 with keep-alive, cheaper per request than httpx), closed loop at several concurrencies
-    and open loop at a fixed arrival rate (latency counted from the scheduled send time, so a
-    slow server cannot hide queueing). The worker is stopped for (b): the gateway is measured alone.
+(b) submit throughput: ``POST /v1/jobs`` with bench/submit.py's load generator (separate
+    processes, raw asyncio HTTP/1.1 keep-alive), closed loop at several concurrencies and open loop
+    at a fixed arrival rate. The worker is stopped for (b): the gateway is measured alone.
+    bench/submit.py measures both submit routes, with several gateway processes too.
 
 Targets (2-core VM): dispatch p50 <= 5 ms, p99 <= 20 ms; >= 1,000 submits/s with p99 <= 20 ms.
 
@@ -18,7 +18,6 @@ Targets (2-core VM): dispatch p50 <= 5 ms, p99 <= 20 ms; >= 1,000 submits/s with
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -211,136 +210,17 @@ def empty_queue(stack: Stack) -> None:
     time.sleep(1.5)  # the gateway's cached views of the pool expire
 
 
-def request_bytes(port: int) -> bytes:
-    body = json.dumps({"prompt": PROMPT}).encode()
-    head = (
-        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {API_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def post(self, request: bytes) -> int:
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        await self.reader.readexactly(length)
-        return status
-
-
-async def _connect(port: int, count: int) -> list[Connection]:
-    pairs = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
-    return [Connection(r, w) for r, w in pairs]
-
-
-async def closed_loop(port: int, concurrency: int, duration: float) -> dict[str, Any]:
-    request = request_bytes(port)
-    connections = await _connect(port, concurrency)
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + duration
-
-    async def run(connection: Connection) -> None:
-        nonlocal errors
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            status = await connection.post(request)
-            latencies.append((time.perf_counter() - started) * 1000)
-            errors += status != 202
-
-    began = time.perf_counter()
-    await asyncio.gather(*(run(c) for c in connections))
-    elapsed = time.perf_counter() - began
-    for connection in connections:
-        connection.writer.close()
-    return {"mode": f"closed, {concurrency} conn", "requests": len(latencies), "seconds": elapsed,
-            "errors": errors, "latencies": latencies}  # fmt: skip
-
-
-async def open_loop(port: int, rate: float, duration: float, pool: int) -> dict[str, Any]:
-    """Requests scheduled every 1/rate s on a pool of keep-alive connections; latency is counted
-    from the scheduled time (a request waiting for a free connection is late, not excused)."""
-    request = request_bytes(port)
-    free: asyncio.Queue[Connection] = asyncio.Queue()
-    for connection in await _connect(port, pool):
-        free.put_nowait(connection)
-    latencies: list[float] = []
-    errors = 0
-
-    async def one(scheduled: float) -> None:
-        nonlocal errors
-        connection = await free.get()
-        try:
-            status = await connection.post(request)
-        finally:
-            free.put_nowait(connection)
-        latencies.append((time.perf_counter() - scheduled) * 1000)
-        errors += status != 202
-
-    tasks = []
-    began = time.perf_counter()
-    total = int(rate * duration)
-    for index in range(total):
-        scheduled = began + index / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(scheduled)))
-    # Requests still unanswered one duration after the last was due count as errors.
-    _, pending = await asyncio.wait(tasks, timeout=duration)
-    for task in pending:
-        task.cancel()
-    errors += len(pending)
-    elapsed = time.perf_counter() - began
-    while not free.empty():
-        free.get_nowait().writer.close()
-    return {"mode": f"open, {rate:.0f}/s offered", "requests": len(latencies), "seconds": elapsed,
-            "errors": errors, "latencies": latencies}  # fmt: skip
-
-
-def load_generator_main(args: argparse.Namespace) -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
-    if args.rate:
-        result = asyncio.run(open_loop(args.port, args.rate, args.duration, args.concurrency))
-    else:
-        result = asyncio.run(closed_loop(args.port, args.concurrency, args.duration))
-    print(json.dumps(result))
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc): robust to other load on the machine."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def run_load(stack: Stack, concurrency: int, duration: float, rate: float = 0.0) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--load-generator", "--port", str(stack.port)]
-    command += ["--concurrency", str(concurrency), "--duration", str(duration), "--rate", str(rate)]
-    gateway = stack.processes["gateway"].pid
-    cpu_before = process_cpu_s(gateway)
-    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
-    result = json.loads(output.strip().splitlines()[-1])
-    result["gateway_cpu_ms"] = (process_cpu_s(gateway) - cpu_before) * 1000 / max(1, result["requests"])
-    return result
-
-
 # -- report -------------------------------------------------------------------------------------------
 
 
 def summary(latencies: list[float]) -> tuple[float, float, float]:
     return statistics.median(latencies), percentile(latencies, 0.99), max(latencies)
+
+
+def run_load(stack: Stack, concurrency: int, duration: float, rate: float = 0.0) -> dict[str, Any]:
+    import submit  # bench/submit.py: the load generator
+
+    return submit.run_load(stack, "/v1/jobs", 1, concurrency, duration, rate)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -353,13 +233,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="open-loop offered rate (0: skip)")
     parser.add_argument("--pool", type=int, default=64, help="open-loop connection pool")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
-    parser.add_argument("--load-generator", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.load_generator:
-        args.concurrency = int(args.concurrency)
-        load_generator_main(args)
-        return
 
     workdir = Path(tempfile.mkdtemp(prefix="kiln-bench-dispatch-"))
     stack = Stack(workdir)
@@ -391,19 +265,11 @@ def main() -> None:
     for name, values, target in rows:
         p50, p99, top = summary(values)
         print(f"{name:<44} {p50:>8.2f} {p99:>8.2f} {top:>8.2f} {target:>16}")
-    print("\n(b) POST /v1/jobs throughput (gateway alone, each run from an empty queue; load generator")
-    print("    in its own process; every accepted job stays queued, so the queue grows during a run)")
-    print(
-        f"{'load':<26} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'gw CPU':>7}"
-    )
-    for run in runs:
-        p50, p99, _ = summary(run["latencies"])
-        rate = run["requests"] / run["seconds"]
-        print(
-            f"{run['mode']:<26} {run['requests']:>9} {rate:>8.0f} {p50:>8.2f} {p99:>8.2f} {run['errors']:>7}"
-            f" {run['gateway_cpu_ms']:>7.2f}"
-        )
-    print("gw CPU: the gateway process's CPU ms per request (user + system)")
+    print("\n(b) POST /v1/jobs throughput (gateway alone, each run from an empty queue; every accepted")
+    print("    job stays queued, so the queue grows during a run)")
+    import submit
+
+    submit.print_table(runs)
     print("targets: >= 1000 req/s with p99 <= 20 ms")
 
 

@@ -6,7 +6,7 @@ never changed again, whatever message arrives late or twice.
 
 from __future__ import annotations
 
-from worker.protocol import JOB_SECONDS_BUCKETS, Keys
+from worker.protocol import JOB_SECONDS_BUCKETS, QUEUE_CHANGED, Channels, Keys
 
 # Cluster counters (see Keys.stats) are updated inside the scripts that make the state change, so
 # each job is counted once, exactly when it finishes. Their key names are written into the script
@@ -36,22 +36,24 @@ end
 
 # KEYS: job, pending, tenant_jobs, tenant_active, sequence, idempotency ("" when none), queue list
 # ARGV: job id, tenant queue cap, idempotency ttl, priority score base, created_at, task message,
-#       then field/value pairs of the job hash
-# Returns {job_id, number, created(1|0)} or {"", -1, 0} when the tenant is over its cap.
-CREATE_JOB = """
+#       the job hash's field/value pairs as one JSON list of strings (one argument instead of ~40:
+#       redis-py packs each argument in Python, on the submit path)
+# Returns {job_id, number, created(1|0)}: {existing job id, 0, 0} when the idempotency key was seen,
+# {"", -1, 0} when the tenant is over its cap, {"", -2, 0} when the job id is taken. Tells every
+# websocket that the queue changed (``Channels.broadcast``), in the same step.
+CREATE_JOB = f"""
 local idem = KEYS[6]
 if idem ~= "" then
   local existing = redis.call("GET", idem)
-  if existing then return {existing, 0, 0} end
+  if existing then return {{existing, 0, 0}} end
 end
+if redis.call("EXISTS", KEYS[1]) == 1 then return {{"", -2, 0}} end
 local cap = tonumber(ARGV[2])
 if cap > 0 and redis.call("SCARD", KEYS[4]) >= cap then
-  return {"", -1, 0}
+  return {{"", -1, 0}}
 end
 local number = redis.call("INCR", KEYS[5])
-local fields = {}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call("HSET", KEYS[1], "number", number, unpack(fields))
+redis.call("HSET", KEYS[1], "number", number, unpack(cjson.decode(ARGV[7])))
 redis.call("ZADD", KEYS[2], tonumber(ARGV[4]) * 1e12 + number, ARGV[1])
 redis.call("ZADD", KEYS[3], tonumber(ARGV[5]), ARGV[1])
 redis.call("SADD", KEYS[4], ARGV[1])
@@ -59,7 +61,8 @@ if idem ~= "" then
   redis.call("SET", idem, ARGV[1], "EX", tonumber(ARGV[3]))
 end
 redis.call("LPUSH", KEYS[7], ARGV[6])
-return {ARGV[1], number, 1}
+redis.call("PUBLISH", "{Channels.broadcast()}", '{QUEUE_CHANGED}')
+return {{ARGV[1], number, 1}}
 """
 
 # KEYS: job, pending, running
@@ -81,16 +84,17 @@ return status
 
 # KEYS: job, pending, running, tenant_active
 # ARGV: final status, finished_at, history ttl seconds, then field/value pairs
-# Returns 1 when the job was finished by this call, 0 when it had already finished.
+# Returns 1 when the job was finished by this call, 0 when it had already finished. Tells every
+# websocket that the queue changed.
 FINISH_JOB = (
     _OBSERVE_FINISHED
-    + """
+    + f"""
 local status = redis.call("HGET", KEYS[1], "status")
 if not status or status == "succeeded" or status == "failed" or status == "cancelled" then
   return 0
 end
 local id = redis.call("HGET", KEYS[1], "id")
-local fields = {}
+local fields = {{}}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call("HSET", KEYS[1], "status", ARGV[1], "finished_at", ARGV[2], unpack(fields))
 redis.call("ZREM", KEYS[2], id)
@@ -99,6 +103,7 @@ redis.call("SREM", KEYS[4], id)
 kiln_count_finished(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call("EXPIRE", KEYS[1], ttl) end
+redis.call("PUBLISH", "{Channels.broadcast()}", '{QUEUE_CHANGED}')
 return 1
 """
 )
@@ -117,12 +122,14 @@ redis.call("ZADD", KEYS[2], tonumber(ARGV[1]) * 1e12 + number, id)
 return 1
 """
 
-# KEYS: job, pending, running, tenant_active
-# ARGV: finished_at, history ttl seconds, error JSON
+# KEYS: job, pending, running, tenant_active, webhook outbox
+# ARGV: finished_at, history ttl seconds, error JSON, webhook delivery JSON ("" = none)
 # Returns "cancelled" (it was queued), "cancelling" (running: the worker is told), or the final status.
+# A queued job is finished here, so its webhook is queued here too (no worker will finish it), once
+# per job: the ``webhook_queued`` marker is the one worker/webhooks.py ``enqueue`` sets.
 CANCEL_JOB = (
     _OBSERVE_FINISHED
-    + """
+    + f"""
 local status = redis.call("HGET", KEYS[1], "status")
 if not status then return "missing" end
 local id = redis.call("HGET", KEYS[1], "id")
@@ -132,12 +139,17 @@ if status == "queued" then
   redis.call("ZREM", KEYS[2], id)
   redis.call("SREM", KEYS[4], id)
   kiln_count_finished(KEYS[1], "cancelled", tonumber(ARGV[1]))
+  if ARGV[4] ~= "" and redis.call("HSETNX", KEYS[1], "webhook_queued", "1") == 1 then
+    redis.call("LPUSH", KEYS[5], ARGV[4])
+  end
   local ttl = tonumber(ARGV[2])
   if ttl > 0 then redis.call("EXPIRE", KEYS[1], ttl) end
+  redis.call("PUBLISH", "{Channels.broadcast()}", '{QUEUE_CHANGED}')
   return "cancelled"
 end
 if status == "running" then
   redis.call("HSET", KEYS[1], "cancel_requested", "true")
+  redis.call("PUBLISH", "{Channels.broadcast()}", '{QUEUE_CHANGED}')
   return "cancelling"
 end
 return status

@@ -172,8 +172,23 @@ class Keys:
 
     @staticmethod
     def webhooks() -> str:
-        """List of webhook deliveries waiting to be sent."""
+        """List: the webhook outbox, deliveries not yet attempted (LPUSH, claimed from the right)."""
         return f"{PREFIX}:webhooks"
+
+    @staticmethod
+    def webhooks_scheduled() -> str:
+        """Sorted set: claimed webhook deliveries (score = lease end) and retries (score = due time)."""
+        return f"{PREFIX}:webhooks:scheduled"
+
+    @staticmethod
+    def webhooks_failed() -> str:
+        """List: webhook deliveries given up, newest first (capped)."""
+        return f"{PREFIX}:webhooks:failed"
+
+
+# The message on ``Channels.broadcast()`` when a job is queued, cancelled or finished (published by
+# the scripts that make those changes, worker/lua.py).
+QUEUE_CHANGED = json.dumps({"type": "queue_changed"})
 
 
 class Channels:

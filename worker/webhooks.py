@@ -5,7 +5,9 @@ included). It is signed, retried with exponential backoff, and durable:
 
 - The worker that finishes a job pushes a small delivery record on the outbox list
   (``Keys.webhooks()``), once per job (a ``webhook_queued`` marker on the job hash makes a
-  repeated enqueue a no-op); the job record and the outbox live in the same Redis (AOF on).
+  repeated enqueue a no-op); the job record and the outbox live in the same Redis (AOF on). A job
+  cancelled while queued is finished by the gateway, whose cancel script (worker/lua.py
+  ``CANCEL_JOB``) queues its delivery the same way, in the same step.
 - A ``WebhookDeliverer`` thread in every worker process claims deliveries with one atomic script:
   a due entry of the *scheduled* sorted set first (a retry whose backoff has elapsed, or a claim
   whose deliverer died), else the oldest entry of the outbox. Claiming moves the entry into the
@@ -28,6 +30,7 @@ address checked is the address connected to (no second DNS lookup), and redirect
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -67,7 +70,7 @@ MAX_URL_LENGTH = 2048
 
 
 class WebhookKeys:
-    """The outbox is ``Keys.webhooks()``; its companions are named after it."""
+    """The webhook keys (named in ``worker.protocol.Keys``), by their role here."""
 
     @staticmethod
     def outbox() -> str:
@@ -77,12 +80,12 @@ class WebhookKeys:
     @staticmethod
     def scheduled() -> str:
         """Sorted set: claimed deliveries (score = lease end) and retries (score = due time)."""
-        return f"{Keys.webhooks()}:scheduled"
+        return Keys.webhooks_scheduled()
 
     @staticmethod
     def failed() -> str:
         """List: deliveries given up, newest first (capped)."""
-        return f"{Keys.webhooks()}:failed"
+        return Keys.webhooks_failed()
 
 
 # KEYS: job, outbox   ARGV: delivery JSON
@@ -314,8 +317,12 @@ def _address_allowed(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def resolve_target(url: str, allow_private: bool) -> tuple[urllib.parse.SplitResult, str, int]:
-    """(parsed URL, address to connect to, port); raises WebhookRefused."""
+def check_url(url: str, allow_private: bool = True) -> tuple[urllib.parse.SplitResult, int]:
+    """(parsed URL, port) of a usable webhook URL, without resolving its host: http(s), a host, at
+    most ``MAX_URL_LENGTH`` characters, no whitespace or control characters, and (unless
+    ``allow_private``) not a literal non-public address (``127.0.0.1``, ``[::1]``, ``localhost``).
+    The gateway checks this at submit; deliveries check the resolved addresses too. Raises
+    WebhookRefused."""
     if len(url) > MAX_URL_LENGTH:
         raise WebhookRefused(f"URL longer than {MAX_URL_LENGTH} characters")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
@@ -327,16 +334,34 @@ def resolve_target(url: str, allow_private: bool) -> tuple[urllib.parse.SplitRes
         raise WebhookRefused(f"Invalid URL: {exc}") from exc
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise WebhookRefused("Not an http(s) URL with a host")
+    if not allow_private:
+        host = parsed.hostname
+        literal = host.rstrip(".").lower() in ("localhost", "localhost.localdomain") or host.endswith(
+            ".localhost"
+        )
+        with contextlib.suppress(ValueError):
+            literal = literal or not _address_allowed(host)
+        if literal:
+            raise WebhookRefused(
+                f"{host} is a non-public address; set KILN_WEBHOOK_ALLOW_PRIVATE=true to allow it"
+            )
+    return parsed, port
+
+
+def resolve_target(url: str, allow_private: bool) -> tuple[urllib.parse.SplitResult, str, int]:
+    """(parsed URL, address to connect to, port); raises WebhookRefused."""
+    parsed, port = check_url(url, allow_private)
+    hostname = parsed.hostname or ""
     try:
-        infos = socket.getaddrinfo(parsed.hostname, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise WebhookRefused(f"Cannot resolve {parsed.hostname}: {exc}") from exc
+        raise WebhookRefused(f"Cannot resolve {hostname}: {exc}") from exc
     addresses = [info[4][0] for info in infos]
     if not allow_private:
         blocked = [a for a in addresses if not _address_allowed(a)]
         if blocked:
             raise WebhookRefused(
-                f"{parsed.hostname} resolves to a non-public address ({blocked[0]}); "
+                f"{hostname} resolves to a non-public address ({blocked[0]}); "
                 "set KILN_WEBHOOK_ALLOW_PRIVATE=true to allow it"
             )
     return parsed, addresses[0], port

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
-from api.deps import State, Tenant
+from api.deps import State, Tenant, caller
 from api.errors import NotFound, PayloadTooLarge
 from api.submit import Submission, invalid, read_json_body, submit
 from api.views import comfy_job, history_entry, queue_item
@@ -38,7 +38,12 @@ MODEL_FOLDERS = (
 
 
 @router.post("/prompt")
-async def post_prompt(request: Request, state: State, tenant: Tenant) -> dict[str, Any]:
+async def post_prompt(request: Request) -> JSONResponse:
+    """ComfyUI's answer: ``{"prompt_id", "number", "node_errors"}``, where ``node_errors`` holds the
+    outputs refused while the others run; a prompt with no valid output is a 400 with
+    ``{"error", "node_errors"}``."""
+    # The submit hot path: state and tenant by hand (see api/deps.py caller).
+    state, tenant = caller(request)
     body = await read_json_body(request, state)
     if not isinstance(body, dict) or "prompt" not in body:
         raise invalid("No prompt provided", "The body must be {'prompt': {...}}")
@@ -62,13 +67,14 @@ async def post_prompt(request: Request, state: State, tenant: Tenant) -> dict[st
             priority=9 if front else 5,
         ),
     )
-    return {"prompt_id": created.job.id, "number": created.job.number, "node_errors": {}}
+    return JSONResponse(
+        {"prompt_id": created.job.id, "number": created.job.number, "node_errors": created.node_errors}
+    )
 
 
 @router.get("/prompt")
 async def get_prompt(state: State, tenant: Tenant) -> dict[str, Any]:
-    running, queued = await state.jobs.queued_and_running(tenant)
-    return {"exec_info": {"queue_remaining": len(running) + len(queued)}}
+    return {"exec_info": {"queue_remaining": await state.jobs.active_count(tenant)}}
 
 
 @router.get("/queue")

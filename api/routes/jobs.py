@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api.deps import State, Tenant
-from api.errors import NotFound
+from api.deps import State, Tenant, caller
+from api.errors import InvalidRequest, NotFound
 from api.submit import Submission, invalid, read_json_body, submit
 from api.views import native_job
 from worker.celery_wire import DEFAULT_PRIORITY, MAX_PRIORITY
@@ -36,20 +36,32 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
+IDEMPOTENCY_KEY_MAX = 200
+
+
 @router.post(
     "/jobs",
     status_code=202,
     response_model=JobAccepted,
     openapi_extra={
-        "requestBody": {"content": {"application/json": {"schema": JobRequest.model_json_schema()}}}
+        "requestBody": {"content": {"application/json": {"schema": JobRequest.model_json_schema()}}},
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "maxLength": IDEMPOTENCY_KEY_MAX},
+                "description": "A retried request with the same key returns the first job",
+            }
+        ],
     },
 )
-async def create_job(
-    request: Request,
-    state: State,
-    tenant: Tenant,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> JSONResponse:
+async def create_job(request: Request) -> JSONResponse:
+    # The submit hot path: state, tenant and header by hand (see api/deps.py caller).
+    state, tenant = caller(request)
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and len(idempotency_key) > IDEMPOTENCY_KEY_MAX:
+        raise InvalidRequest(f"Idempotency-Key is longer than {IDEMPOTENCY_KEY_MAX} characters")
     body = await read_json_body(request, state)
     if not isinstance(body, dict) or "prompt" not in body:
         raise invalid("No prompt provided", "The body must be {'prompt': {...}}")
@@ -59,10 +71,8 @@ async def create_job(
     client_id = body.get("client_id")
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise invalid("priority must be an integer")
-    if webhook is not None and (
-        not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))
-    ):
-        raise invalid("webhook must be an http(s) URL")
+    if webhook is not None and not isinstance(webhook, str):
+        raise invalid("webhook must be an http(s) URL", "webhook")
     if not isinstance(extra_data, dict) or (client_id is not None and not isinstance(client_id, str)):
         raise invalid("extra_data must be an object and client_id a string")
     created = await submit(

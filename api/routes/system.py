@@ -80,7 +80,7 @@ async def metrics(state: State) -> Response:
     """The gateway's own metrics, then the cluster's, read from Redis now (see docs/routing.md)."""
     cluster = CollectorRegistry(auto_describe=False)
     cluster.register(ClusterCollector(await cluster_figures(state)))
-    body = generate_latest(state.metrics.registry) + generate_latest(cluster)
+    body = generate_latest(state.metrics.exposition()) + generate_latest(cluster)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

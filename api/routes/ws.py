@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import struct
+import time
 import uuid
 from typing import Any
 
@@ -30,9 +31,14 @@ def preview_frame(data: dict[str, Any]) -> bytes:
     return struct.pack(">II", PREVIEW_IMAGE, image_type) + image
 
 
+# Queue changes arrive once per submit, cancel and finish (hundreds a second under load): each
+# websocket sends at most one status per interval, with the count as it is when it is sent.
+STATUS_INTERVAL_S = 0.1
+
+
 async def status_message(state: GatewayState, tenant: str, sid: str | None = None) -> dict[str, Any]:
-    running, queued = await state.jobs.queued_and_running(tenant)
-    data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": len(running) + len(queued)}}}
+    remaining = await state.jobs.active_count(tenant)
+    data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": remaining}}}
     if sid is not None:
         data["sid"] = sid
     return {"type": "status", "data": data}
@@ -54,14 +60,23 @@ async def websocket(websocket: WebSocket) -> None:
     try:
         await websocket.send_json(await status_message(state, tenant, sid))
         receiver = asyncio.create_task(_drain(websocket))
+        status_due, status_sent = False, 0.0
         while not receiver.done():
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            wait = 1.0
+            if status_due:
+                wait = status_sent + STATUS_INTERVAL_S - time.monotonic()
+                if wait <= 0:
+                    await websocket.send_json(await status_message(state, tenant))
+                    status_due, status_sent = False, time.monotonic()
+                    continue
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
             if message is None:
                 continue
-            event = json.loads(message["data"])
             if message["channel"].decode() == Channels.broadcast():
-                await websocket.send_json(await status_message(state, tenant))
-            elif event["type"] == "preview":
+                status_due = True
+                continue
+            event = json.loads(message["data"])
+            if event["type"] == "preview":
                 await websocket.send_bytes(preview_frame(event["data"]))
             elif not event["type"].startswith("kiln_"):
                 await websocket.send_json({"type": event["type"], "data": event["data"]})

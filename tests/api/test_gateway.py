@@ -19,8 +19,11 @@ from worker.protocol import DEFAULT_QUEUE, Keys
 
 
 def job_keys(redis_client) -> list[bytes]:
-    """Everything a job leaves in Redis (rate-limit buckets are not job state)."""
-    return sorted(k for k in redis_client.keys("*") if not k.startswith(b"kiln:rate:"))
+    """Everything a job leaves in Redis (rate-limit buckets and the rebalancing lease of the
+    gateway's background loop are not job state)."""
+    return sorted(
+        k for k in redis_client.keys("*") if not k.startswith(b"kiln:rate:") and k != b"kiln:rebalance-lock"
+    )
 
 
 def queued_messages(redis_client) -> int:

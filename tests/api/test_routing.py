@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from api.routing import (
+    Estimates,
     JobView,
     Move,
     PoolView,
@@ -25,8 +27,10 @@ from api.routing import (
     RoutingService,
     RoutingSettings,
     RunningView,
+    Timelines,
     WorkerView,
     priority_step,
+    timeline,
 )
 from api.submit import models_needed
 from engine.registry import default_registry
@@ -215,6 +219,27 @@ def test_preloads_for_pinned_models_and_growing_backlogs():
     assert Preload("w3", A, "backlog") in actions
 
 
+def test_kept_timelines_match_timelines_computed_afresh():
+    """Routing on one snapshot keeps each worker's timeline and re-runs only what changed; after
+    any sequence of inserts and removals it must say what a fresh computation says."""
+    rng = random.Random(7)
+    models = (A, B, C)
+    w = worker("w", resident=(A,), slots=2, running=RunningView(job("r", B), started_at=NOW - 1.0))
+    est = Estimates(pool(w), POLICY)
+    kept = Timelines()
+    for step in range(300):
+        if w.queue and rng.random() < 0.3:
+            w.queue.pop(rng.randrange(len(w.queue)))
+        else:
+            new = job(f"j{step}", *rng.sample(models, rng.randint(0, 2)), priority=rng.choice((2, 5, 8)))
+            w.queue.insert(rng.randint(0, len(w.queue)), new)
+        now = NOW + step * 0.01
+        got, want = kept.timeline(w, now, est), timeline(w, now, est)
+        assert got.start == want.start and got.resident == want.resident
+        assert got.resident_before == want.resident_before
+        assert got.finishes == pytest.approx(want.finishes) and got.free_at == pytest.approx(want.free_at)
+
+
 def test_the_simulation_drives_this_router():
     from bench.routing_sim import Scenario, simulate
 
@@ -234,7 +259,7 @@ def test_models_needed_come_from_model_combos(tmp_path: Path):
 
     inventory = StaticInventory({"models:checkpoints": ["x.safetensors"]})
     prompt = {
-        "1": {"class_type": "TestSimulatedCheckpointLoader", "inputs": {"ckpt_name": "x.safetensors"}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
         "2": {"class_type": "TestModelProbe", "inputs": {"model": ["1", 0], "seconds": 0.1}},
     }
     validated = validate_prompt(prompt, registry, inventory, EngineSettings().validation_limits())
@@ -312,7 +337,9 @@ def queued_record(client: redis.Redis, job_id: str, queue: str, models: list[str
         models=models,
         **extra,
     )
+    # What CREATE_JOB writes: the record, its place in the pending set, its task message.
     client.hset(Keys.job(job_id), mapping=record.to_redis())
+    client.zadd(Keys.pending(), {job_id: lua.priority_base(record.priority) * 1e12 + record.number})
     client.lpush(redis_list_for(queue, record.priority), task_message(job_id, queue, record.priority))
 
 
@@ -377,6 +404,62 @@ def test_idle_workers_steal_through_the_service(redis_client, redis_server):
     assert message_ids(redis_client, redis_list_for(idle, 5)) == ["q3"]
 
 
+def command_calls(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_a_snapshot_reads_each_queued_job_once_and_sees_it_leave(redis_client, redis_server):
+    heartbeat(redis_client, "w", job_seconds={A: 1.0})
+    queue = worker_queue("w")
+    for i in range(50):
+        queued_record(redis_client, f"q{i}", queue, [A])
+    queued_record(redis_client, "other", worker_queue("gone"), [B])  # a dead worker's queue
+    redis_client.zadd(Keys.worker_queues(), {worker_queue("gone"): time.time()})
+    cancel = redis_client.register_script(lua.CANCEL_JOB)
+
+    async def body(service: RoutingService) -> tuple[Any, Any, int, int]:
+        redis_client.config_resetstat()
+        first = await service.snapshot()
+        reads = command_calls(redis_client, "hmget")
+        cancel(
+            keys=[Keys.job("q0"), Keys.pending(), Keys.running(), Keys.tenant_active("t"), Keys.webhooks()],
+            args=[1, 60, "{}", ""],
+        )
+        assert JobStore(redis_client).claim("q1", "w") == "queued"
+        second = await service.snapshot()
+        return first, second, reads, command_calls(redis_client, "hmget") - reads
+
+    first, second, reads, rereads = run_service(redis_server.url, body)
+    assert reads == 51 and rereads == 0  # what routing reads of a job never changes
+    assert [(j.id, j.models, j.stale) for j in first.pool.workers["w"].queue[:2]] == [
+        ("q0", (A,), False),
+        ("q1", (A,), False),
+    ]
+    # Cancelled, or claimed by a worker: stale (runs in no time), the others unchanged.
+    assert [(j.id, j.stale) for j in second.pool.workers["w"].queue[:3]] == [
+        ("q0", True),
+        ("q1", True),
+        ("q2", False),
+    ]
+    assert [j.models for j in second.pool.workers["gone"].queue] == [(B,)]
+
+
+def test_without_live_workers_a_snapshot_reads_queue_depths_only(redis_client, redis_server):
+    for i in range(20):
+        queued_record(redis_client, f"s{i}", DEFAULT_QUEUE, [A])
+    heartbeat(redis_client, "dead", ttl=1)
+    redis_client.delete(Keys.worker("dead"))  # its heartbeat expired
+
+    async def body(service: RoutingService) -> Any:
+        redis_client.config_resetstat()
+        return await service.snapshot()
+
+    snapshot = run_service(redis_server.url, body)
+    assert snapshot.depths[DEFAULT_QUEUE] == 20 and snapshot.pool.shared == []
+    assert snapshot.pool.live() == [] and "dead" in snapshot.pool.workers
+    assert command_calls(redis_client, "lrange") == 0 and command_calls(redis_client, "hmget") == 0
+
+
 def test_submissions_are_routed_to_worker_queues(make_client, redis_client, tmp_path, monkeypatch):
     models = tmp_path / "models"
     (models / "checkpoints").mkdir(parents=True)
@@ -394,7 +477,7 @@ def test_submissions_are_routed_to_worker_queues(make_client, redis_client, tmp_
     def submit(name: str, **extra: Any) -> Any:
         prompt = {
             "1": {
-                "class_type": "TestSimulatedCheckpointLoader",
+                "class_type": "CheckpointLoaderSimple",
                 "inputs": {"ckpt_name": f"{name}.safetensors"},
             },
             "2": {"class_type": "TestModelProbe", "inputs": {"model": ["1", 0], "seconds": 0.1}},

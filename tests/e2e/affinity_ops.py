@@ -7,11 +7,6 @@ import time
 from engine.context import NodeContext
 from engine.errors import ModelError
 from engine.models.handles import ModelHandle
-from engine.ops.models import checkpoint_loader_simple
-
-
-def simulated_checkpoint_loader(ctx: NodeContext, ckpt_name: str) -> tuple[ModelHandle]:
-    return (checkpoint_loader_simple(ctx, ckpt_name)[0],)
 
 
 def model_probe(ctx: NodeContext, model: ModelHandle, seconds: float) -> tuple[()]:

@@ -6,13 +6,15 @@ import hashlib
 import io
 import json
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from tests.e2e.conftest import AUTH, Cluster, wait_job
+from tests.e2e.conftest import AUTH, TENANT, Cluster, wait_job
 from tests.engine.prompts import invert_prompt
+from tests.support.services import free_port, kiln_process, wait_for
 
 
 def poll_history(http: httpx.Client, prompt_id: str, timeout: float = 180) -> dict:
@@ -95,3 +97,40 @@ def test_websocket_receives_events_in_order(cluster: Cluster):
     assert [v for t, _, v in seen if t == "progress"] == [1, 2, 3]
     assert types.index("executed") < types.index("execution_success") < len(types) - 1
     assert seen[-1] == ("executing", None, None)
+
+
+def test_several_gateway_processes_share_the_port_and_sum_their_metrics(cluster: Cluster):
+    """``kiln serve --gateway-processes 2``: two uvicorn processes on one port, the same Redis; a
+    client sees one gateway, and /metrics counts what every process did."""
+    port = free_port()
+    gateway = kiln_process(
+        ["serve", "--port", str(port), "--gateway-processes", "2"],
+        cluster.env,
+        cluster.workdir / "gateway-2procs.log",
+        cluster.workdir,
+    )
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200, 60, "it")
+        children = [p for p in Path("/proc").glob("[0-9]*") if _parent(p) == gateway.pid]
+        assert len([p for p in children if b"spawn_main" in (p / "cmdline").read_bytes()]) == 2
+        ids = []
+        for _ in range(12):  # a connection each: the kernel spreads them over the processes
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v1/jobs", json={"prompt": invert_prompt()}, headers=AUTH, timeout=30
+            )
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["id"])
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        assert f'kiln_jobs_submitted_total{{tenant="{TENANT}"}} 12.0' in metrics
+        assert 'kiln_http_request_seconds_count{method="POST",route="/v1/jobs"} 12.0' in metrics
+        with cluster.http() as http:  # the cluster's worker runs them; nothing is left queued
+            assert all(wait_job(http, job_id)["status"] == "succeeded" for job_id in ids), cluster.logs()
+    finally:
+        gateway.stop()
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
