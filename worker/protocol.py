@@ -39,9 +39,11 @@ def queue_worker(queue: str) -> str | None:
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
 
-# An engine event a loader (or the model manager) emits after it loaded a model file; the worker
-# records it for its heartbeat and metrics and does not forward it to clients.
-# Data: {"model": "checkpoints/x.safetensors", "seconds": float, "hash": "sha256 hex" | None}.
+# The event the engine host sends after the model manager loaded a model file (one per file: a
+# checkpoint's parts loaded together are one load); the worker records it for its heartbeat and
+# metrics and does not forward it to clients. Data: {"model": "checkpoints/x.safetensors",
+# "seconds": float, "hash": "sha256 hex" | None, "bytes": int, "parts": ["unet", "clip", ...]}.
+# (Residency travels host -> worker only, as worker.host_io.MODELS_EVENT.)
 MODEL_LOADED_EVENT = "kiln_model_loaded"
 
 # Histogram buckets (seconds) of the job and model-load metrics kept in Redis (see Keys.stats).
