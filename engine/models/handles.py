@@ -86,7 +86,7 @@ from engine.models.unet import UNetConfig, UNetModel
 from engine.models.vae import VAEConfig
 from engine.sampling.model_sampling import ModelSampling
 
-Part = Literal["unet", "clip", "vae"]
+Part = Literal["unet", "clip", "vae", "upscale"]
 Offset = tuple[int, int, int]  # (dim, start, length)
 
 

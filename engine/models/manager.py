@@ -410,7 +410,7 @@ class ModelManager:
         read_header(path)
         content_hash = self.hasher.content_hash(path)
         info: UpscaleFileInfo = self._inspect("upscale", path, content_hash, inspect_upscale_file)
-        source = WeightsSource(path, content_hash, "upscale", info.prefix)  # type: ignore[arg-type]
+        source = WeightsSource(path, content_hash, "upscale", info.prefix)
         handle = UpscaleModelHandle(source=source, config=info.config)
         if preload:
             self.preload(handle)
