@@ -220,8 +220,8 @@ def test_keda_measures_every_priority_list_of_the_shared_queue():
 
 
 def test_keda_prometheus_alternative_can_replace_the_default():
-    """keda-prometheus.yaml (applied once kiln_queue_depth exists) is valid, has the default's name
-    and target, and the autoscaling kustomization lists exactly one of the two."""
+    """keda-prometheus.yaml (the scaler on kiln_queue_depth, for clusters with Prometheus) is valid,
+    has the default's name and target, and the autoscaling kustomization lists exactly one of the two."""
     alternative = load_yaml(KEDA_PROMETHEUS)
     assert not validate_k8s(alternative)
     default = find(rendered("gpu"), "ScaledObject", "kiln-worker")
