@@ -26,6 +26,7 @@ from engine.ops import latent as latent_ops
 from engine.ops import sampling as sampling_ops
 from engine.ops import vae as vae_ops
 from engine.sampling.model_sampling import Denoiser
+from engine.sampling.names import SAMPLER_NAMES, SCHEDULER_NAMES
 from engine.sampling.noise import prepare_noise
 from engine.sampling.schedulers import calculate_sigmas
 
@@ -431,3 +432,21 @@ def test_a_missing_model_is_a_clear_error(ctx, conds) -> None:
             conds[1],
             {"samples": torch.zeros(1, 4, 8, 8)},
         )
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLER_NAMES)
+def test_every_sampler_runs_through_ksampler(ctx, handles, conds, sampler_name) -> None:
+    """Every name of KSampler's combo runs through the node on a real (tiny) UNet with CFG, including
+    the CFG++ samplers (which need the uncond prediction) and the SDE ones (Brownian noise)."""
+    latent = empty_latent(ctx, size=32)
+    out = ksampler(ctx, handles, conds, latent, sampler_name=sampler_name, scheduler="karras", steps=3)
+    again = ksampler(ctx, handles, conds, latent, sampler_name=sampler_name, scheduler="karras", steps=3)
+    assert out.shape == (1, 4, 4, 4) and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out, again, rtol=0, atol=0)  # deterministic per seed
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_every_scheduler_runs_through_ksampler(ctx, handles, conds, scheduler) -> None:
+    latent = empty_latent(ctx, size=32)
+    out = ksampler(ctx, handles, conds, latent, scheduler=scheduler, steps=3, denoise=0.7)
+    assert out.shape == (1, 4, 4, 4) and bool(torch.isfinite(out).all())
