@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import math
 import time
 import uuid
+from bisect import bisect_left, insort
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
@@ -181,6 +181,13 @@ class RoutingPolicy:
     overtake_age_s: float = 60.0
     # ... and delaying a queued job costs (1 + its age / age_tau_s) x the delay (cost inflation).
     age_tau_s: float = 10.0
+    # Bounds that keep a placement's cost flat in the depth of the queue (docs/routing.md, "Deep
+    # queues"): batch places are tried after at most this many stretches of jobs using the job's
+    # models, the nearest to the end of its priority first ...
+    batch_places: int = 32
+    # ... and a place whose effect on the timeline behind it has not settled (the same models
+    # resident as without it) within this many jobs that load a model is not tried.
+    settle_jobs: int = 64
     # A queued job moves to a soon-idle worker when it finishes at least this much sooner there,
     steal_min_gain_s: float = 1.0
     # and the gain is at least this multiple of the load seconds the move causes.
@@ -317,15 +324,247 @@ def _start(worker: WorkerView, now: float, est: Estimates) -> tuple[float, list[
     return t, resident
 
 
+def _alike(a: JobView, b: JobView) -> bool:
+    """Jobs that cost the same wherever they run: the same models, pins and staleness."""
+    return (
+        a.models == b.models
+        and a.pin_worker == b.pin_worker
+        and a.pin_gpu_class == b.pin_gpu_class
+        and a.stale == b.stale
+    )
+
+
 @dataclass
 class _Run:
-    """A worker's queue run forward from its start, in seconds from the start."""
+    """A worker's queue run forward from its start, in seconds from the start, with the indexes that
+    let placements and steals look at a deep queue without walking it (one entry per job unless said)."""
 
     resident_at_start: list[str]
     jobs: list[JobView] = field(default_factory=list)
     seconds_to: list[float] = field(default_factory=list)  # to the end of each job
     resident_before: list[list[str]] = field(default_factory=list)
     resident: list[str] = field(default_factory=list)  # after the last job
+    # First index of the stretch of jobs of this job's priority step that ends here.
+    step_start: list[int] = field(default_factory=list)
+    # First index of the stretch of jobs like this one (models, step, pins, stale) that ends here.
+    group_start: list[int] = field(default_factory=list)
+    # created_sum[i]: the sum of created_at - ref over the first i jobs (i = 0 .. n); newest[i]: the
+    # latest created_at among the first i + 1 jobs. Suffix sums of the delay weights come from them.
+    ref: float = 0.0
+    created_sum: list[float] = field(default_factory=lambda: [0.0])
+    newest: list[float] = field(default_factory=list)
+    # Indexes of the jobs that load a model (one not resident before them), and of the jobs by model.
+    cold: list[int] = field(default_factory=list)
+    by_model: dict[str, list[int]] = field(default_factory=dict)
+    duplicates: int = 0  # jobs that name a model twice
+    # The older-jobs chain, node i + 1 for job i (0: the root): a job's parent is the nearest earlier
+    # job created strictly before it; ``jump`` pointers find the nearest job older than a limit in
+    # O(log n) steps (Myers' skew-binary jump pointers).
+    parent: list[int] = field(default_factory=lambda: [0])
+    jump: list[int] = field(default_factory=lambda: [0])
+    depth: list[int] = field(default_factory=lambda: [0])
+
+    def append(self, worker: WorkerView, job: JobView, est: Estimates) -> None:
+        jobs, i = self.jobs, len(self.jobs)
+        resident, models, created = self.resident, job.models, job.created_at
+        previous = jobs[-1] if jobs else None
+        if previous is None:
+            self.ref = created
+        seconds = self.seconds_to[-1] if previous is not None else 0.0
+        seconds += _cost(worker, job, resident, est)
+        jobs.append(job)
+        self.resident_before.append(resident)
+        self.seconds_to.append(seconds)
+        self.resident = touch(resident, models, worker.slots, worker.pinned)
+        if previous is not None and previous.step == job.step:
+            self.step_start.append(self.step_start[-1])
+            self.group_start.append(self.group_start[-1] if _alike(previous, job) else i)
+        else:
+            self.step_start.append(i)
+            self.group_start.append(i)
+        self.created_sum.append(self.created_sum[-1] + (created - self.ref))
+        self.newest.append(max(self.newest[-1], created) if previous is not None else created)
+        for model in models:
+            self.by_model.setdefault(model, []).append(i)
+        if len(models) > 1 and len(set(models)) < len(models):
+            self.duplicates += 1
+        if any(m not in resident for m in models):
+            self.cold.append(i)
+        parent, jump, depth = self.parent, self.jump, self.depth
+        node = i  # the previous job's node
+        while node and jobs[node - 1].created_at >= created:
+            node = parent[node]
+        up = jump[node]
+        parent.append(node)
+        depth.append(depth[node] + 1)
+        jump.append(jump[up] if depth[node] - depth[up] == depth[up] - depth[jump[up]] else node)
+
+    def insert(self, worker: WorkerView, position: int, job: JobView, est: Estimates) -> bool:
+        """Account for ``job`` inserted before job ``position`` without running the jobs behind it
+        again, when that is exact: the job finds its models resident and leaves the same models
+        resident (a job batched after one like it), so every job behind it runs as before, later by
+        its seconds; and it is the newest job (the older-jobs chain behind it is unchanged). False
+        (nothing changed) otherwise: the caller re-runs the queue from ``position``."""
+        jobs, count, models = self.jobs, len(self.jobs), job.models
+        created = job.created_at
+        resident = self.resident_before[position]
+        if (
+            position >= count
+            or created < self.newest[-1]
+            or (len(models) > 1 and len(set(models)) < len(models))
+            or touch(resident, models, worker.slots, worker.pinned) != resident
+        ):
+            return False
+        seconds = _cost(worker, job, resident, est)
+        before = self.seconds_to[position - 1] if position > 0 else 0.0
+        self.seconds_to[position:] = [before + seconds] + [s + seconds for s in self.seconds_to[position:]]
+        jobs.insert(position, job)
+        self.resident_before.insert(position, resident)
+        moved = created - self.ref
+        self.created_sum[position + 1 :] = [self.created_sum[position] + moved] + [
+            s + moved for s in self.created_sum[position + 1 :]
+        ]
+        self.newest[position:] = [created] * (count + 1 - position)  # the newest job: the latest from here
+        for uses in self.by_model.values():
+            at = bisect_left(uses, position)
+            uses[at:] = [i + 1 for i in uses[at:]]
+        for model in models:
+            insort(self.by_model.setdefault(model, []), position)
+        at = bisect_left(self.cold, position)
+        self.cold[at:] = [i + 1 for i in self.cold[at:]]
+        # Stretches: indexes from ``position`` on move up one; then the stretches around the new job
+        # are mended from it on, until they agree with what was there.
+        for column in (self.step_start, self.group_start):
+            column[position:] = [position] + [i + 1 if i >= position else i for i in column[position:]]
+        for i in range(position, count + 1):
+            current, previous = jobs[i], jobs[i - 1] if i > 0 else None
+            same_step = previous is not None and previous.step == current.step
+            step_start = self.step_start[i - 1] if same_step else i
+            group_start = self.group_start[i - 1] if same_step and _alike(previous, current) else i
+            if i > position and (step_start, group_start) == (self.step_start[i], self.group_start[i]):
+                break  # from here on as before
+            self.step_start[i], self.group_start[i] = step_start, group_start
+        # The older-jobs chain: nodes from position + 1 on move up one; the new node joins it (the newest
+        # job is nobody's parent).
+        for column in (self.parent, self.jump):
+            column[position + 1 :] = [n + 1 if n > position else n for n in column[position + 1 :]]
+        node = position  # the node of the job before it
+        while node and jobs[node - 1].created_at >= created:
+            node = self.parent[node]
+        parent, jump, depth = self.parent, self.jump, self.depth
+        up = jump[node]
+        skip = jump[up] if depth[node] - depth[up] == depth[up] - depth[jump[up]] else node
+        parent.insert(position + 1, node)
+        jump.insert(position + 1, skip)
+        depth.insert(position + 1, depth[node] + 1)
+        return True
+
+    def truncate(self, kept: int) -> None:
+        """Forget the jobs from index ``kept`` on (the queue changed there)."""
+        if kept >= len(self.jobs):
+            return
+        self.resident = self.resident_before[kept]
+        for i in range(len(self.jobs) - 1, kept - 1, -1):
+            models = self.jobs[i].models
+            for model in models:
+                uses = self.by_model[model]
+                uses.pop()
+                if not uses:
+                    del self.by_model[model]
+            if len(models) > 1 and len(set(models)) < len(models):
+                self.duplicates -= 1
+        while self.cold and self.cold[-1] >= kept:
+            self.cold.pop()
+        for column in (
+            self.jobs,
+            self.seconds_to,
+            self.resident_before,
+            self.step_start,
+            self.group_start,
+            self.newest,
+        ):
+            del column[kept:]
+        for column in (self.created_sum, self.parent, self.jump, self.depth):
+            del column[kept + 1 :]
+
+    def insert_position(self, step: int) -> int:
+        """``WorkerView.insert_position`` in O(priority steps)."""
+        position = len(self.jobs)
+        while position > 0 and self.jobs[position - 1].step > step:
+            position = self.step_start[position - 1]
+        return position
+
+    def overtake_limit(self, step: int, end: int, now: float, overtake_age_s: float) -> int:
+        """How early a job of ``step`` may be placed before ``end``: after the last job before it
+        that is of another priority step or has waited ``overtake_age_s`` (0: from the front). The
+        walk of the older-jobs chain takes O(log n) steps, however many young jobs there are."""
+        if end == 0:
+            return 0
+        jobs = self.jobs
+        if jobs[end - 1].step != step:
+            return end
+        other_step = self.step_start[end - 1] - 1  # the last job of another step before them, or -1
+        # The nearest job before ``end`` that has waited overtake_age_s is on the older-jobs chain
+        # from job end - 1 (each job it skips is younger than the one it skips to), where ages grow:
+        # jump while the jump lands on a job still younger, else step to the parent.
+        parent, jump = self.parent, self.jump
+        node = end
+        while node - 1 > other_step and now - jobs[node - 1].created_at < overtake_age_s:
+            up = jump[node]
+            if up - 1 > other_step and now - jobs[up - 1].created_at < overtake_age_s:
+                node = up
+            else:
+                node = parent[node]
+        return max(other_step, node - 1) + 1
+
+    def weight(self, first: int, stop: int, now: float, tau: float) -> float:
+        """The delay weight of the jobs ``first .. stop - 1``: sum of 1 + their age / tau."""
+        if stop <= first:
+            return 0.0
+        if self.newest[stop - 1] <= now:
+            count = stop - first
+            return (
+                count + (count * (now - self.ref) - (self.created_sum[stop] - self.created_sum[first])) / tau
+            )
+        return sum(1.0 + max(0.0, now - self.jobs[i].created_at) / tau for i in range(first, stop))
+
+    def next_use(self, models: Iterable[str], first: int) -> int:
+        """The first index at or after ``first`` of a job that loads a model in the base timeline or
+        names one of ``models`` (len(jobs) when none)."""
+        found = len(self.jobs)
+        at = bisect_left(self.cold, first)
+        if at < len(self.cold):
+            found = self.cold[at]
+        for model in models:
+            uses = self.by_model.get(model)
+            if uses:
+                at = bisect_left(uses, first)
+                if at < len(uses) and uses[at] < found:
+                    found = uses[at]
+        return found
+
+    def used_between(self, model: str, first: int, stop: int) -> bool:
+        uses = self.by_model.get(model)
+        if not uses:
+            return False
+        at = bisect_left(uses, first)
+        return at < len(uses) and uses[at] < stop
+
+
+def _common_prefix(a: list[JobView], b: list[JobView]) -> int:
+    """How many first items ``a`` and ``b`` share, by bisection over C-level slice comparisons (each
+    item is compared about twice; a loop comparing views one by one costs ~50x more)."""
+    size = min(len(a), len(b))
+    if a[:size] == b[:size]:
+        return size
+    low, high = 0, size  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 class Timelines:
@@ -337,7 +576,8 @@ class Timelines:
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
 
-    def timeline(self, worker: WorkerView, now: float, est: Estimates) -> Timeline:
+    def run(self, worker: WorkerView, now: float, est: Estimates) -> tuple[float, _Run]:
+        """When the worker starts on its queue, and its queue run forward from then (kept)."""
         t, resident = _start(worker, now, est)
         run = self._runs.get(worker.id)
         if run is None or run.resident_at_start != resident:
@@ -345,21 +585,24 @@ class Timelines:
         queue = worker.queue
         kept = len(run.jobs)
         # The common case, a job added at the end, in one C-level comparison (identical views compare
-        # by identity first; equal views cost the same); else find where the queue changed.
+        # by identity first; equal views cost the same); else where the queue changed, also at C speed.
         if queue[:kept] != run.jobs:
-            kept, limit = 0, min(len(queue), kept)
-            while kept < limit and queue[kept] == run.jobs[kept]:
-                kept += 1
-        if kept < len(run.jobs):
-            run.resident = run.resident_before[kept]
-            del run.jobs[kept:], run.seconds_to[kept:], run.resident_before[kept:]
-        seconds = run.seconds_to[-1] if run.seconds_to else 0.0
+            kept = _common_prefix(queue, run.jobs)
+            # One job placed among the others (batched after a like job): shift what runs behind it.
+            if (
+                len(queue) == len(run.jobs) + 1
+                and queue[kept + 1 :] == run.jobs[kept:]
+                and run.insert(worker, kept, queue[kept], est)
+            ):
+                return t, run
+        run.truncate(kept)
         for job in queue[kept:]:
-            run.jobs.append(job)
-            run.resident_before.append(run.resident)
-            seconds += _cost(worker, job, run.resident, est)
-            run.resident = touch(run.resident, job.models, worker.slots, worker.pinned)
-            run.seconds_to.append(seconds)
+            run.append(worker, job, est)
+        return t, run
+
+    def timeline(self, worker: WorkerView, now: float, est: Estimates) -> Timeline:
+        t, run = self.run(worker, now, est)
+        seconds = run.seconds_to[-1] if run.seconds_to else 0.0
         finishes = [t + s for s in run.seconds_to]
         return Timeline(t, t + seconds, run.resident, finishes, list(run.resident_before))
 
@@ -408,12 +651,17 @@ class Demand:
         return level * math.exp(-max(0.0, now - self._at[model]) / self.tau_s) / self.tau_s
 
 
+# Relative difference below which two places' scores count as equal.
+TIE = 1e-9
+
+
 @dataclass(frozen=True)
 class _Placement:
     score: float
     finish: float
     position: int
     cold: tuple[str, ...]
+    end: int  # the end of the job's priority (the first in first out place)
 
 
 class Router:
@@ -431,6 +679,7 @@ class Router:
         ``timelines``: kept across the decisions made on this same ``pool`` (see Timelines)."""
         self.demand.record(job.models, now)
         self.arrivals.record([job.key], now)
+        timelines = timelines if timelines is not None else Timelines()
         return self._choose(job, pool, now, Estimates(pool, self.policy), timelines=timelines)
 
     def _choose(
@@ -449,6 +698,7 @@ class Router:
         candidates = [w for w in live if w.can_run(job)]
         if not candidates:
             return Route(None, "no_eligible")
+        timelines = timelines if timelines is not None else Timelines()
         copies = self._copies(live)
         pressure = self.policy.load_pressure_weight * self._pressure(live, now, est)
         best: tuple[tuple[float, int, str], WorkerView, _Placement] | None = None
@@ -460,11 +710,12 @@ class Router:
         assert best is not None
         _, worker, placement = best
         reason = "pinned" if job.pin_worker else ("cold" if placement.cold else "warm")
-        end = worker.insert_position(job)
         position = placement.position
         previous = worker.queue[position - 1] if position > 0 else None
         after = previous.id if previous is not None and previous.step == job.step else None
-        return Route(worker.id, reason, placement.finish, placement.cold, position, after, position == end)
+        return Route(
+            worker.id, reason, placement.finish, placement.cold, position, after, position == placement.end
+        )
 
     def _best_placement(
         self,
@@ -480,54 +731,160 @@ class Router:
         """The cheapest place for ``job`` in ``worker``'s run order.
 
         Places tried: the end of its priority (first in first out), and, to batch loads, right
-        after each queued job of its priority that uses one of its models, or first of its
-        priority when its models will be resident then. A place ahead of a job of its priority
-        older than ``overtake_age_s`` is not allowed. The score is the job's own expected time
-        to finish, plus the delay it causes every job behind it (inflated by their age), plus the
-        expected reload cost of what it evicts."""
-        queue = worker.queue
-        end = worker.insert_position(job)
-        base = timelines.timeline(worker, now, est) if timelines is not None else timeline(worker, now, est)
-        positions = {end}
+        after queued jobs of its priority that use one of its models, or first of its priority when
+        its models will be resident then. A place ahead of a job of its priority older than
+        ``overtake_age_s`` is not allowed. The score is the job's own expected time to finish, plus
+        the delay it causes every job behind it (inflated by their age), plus the expected reload
+        cost of what it evicts.
+
+        The cost does not grow with the queue (docs/routing.md, "Deep queues"): the queued jobs'
+        timeline is kept (``Timelines``) and indexed; of a stretch of jobs with the job's models only
+        the place after its last job is tried (any earlier one scores more: the jobs it passes last
+        as long as the job and have waited longer); at most ``batch_places`` stretches back from the
+        end are tried; and a place is scored by re-running the timeline behind it only until it runs
+        as it did without the job, the rest shifted by the same delay (suffix sums of the weights)."""
+        t, run = (timelines if timelines is not None else Timelines()).run(worker, now, est)
+        end = run.insert_position(job.step)
+        positions = [end]
         if batch and job.models:
             # How early it may go: back over the jobs of its priority, up to the first that has
-            # waited overtake_age_s (the bound on unfairness). Walked only for batching: a queue of
-            # thousands is not scanned for a job that loads no model.
-            limit = end
-            while (
-                limit > 0
-                and queue[limit - 1].step == job.step
-                and now - queue[limit - 1].created_at < self.policy.overtake_age_s
-            ):
-                limit -= 1
-            for index in range(limit, end):
-                if any(m in queue[index].models for m in job.models):
-                    positions.add(index + 1)
-            if all(m in base.resident_before[limit] for m in job.models) if limit < end else False:
-                positions.add(limit)
+            # waited overtake_age_s (the bound on unfairness).
+            limit = run.overtake_limit(job.step, end, now, self.policy.overtake_age_s)
+            positions += self._batch_positions(worker, run, job, limit, end, now, est)
+            if limit < end and all(m in run.resident_before[limit] for m in job.models):
+                positions.append(limit)
         best: _Placement | None = None
-        for position in sorted(positions):
-            t0 = base.finishes[position - 1] if position > 0 else base.start
-            resident = base.resident_before[position] if position < len(queue) else base.resident
-            line = _advance(worker, t0, resident, itertools.chain((job,), queue[position:]), est)
-            finish = line.finishes[0]
-            delay = 0.0
-            for index in range(position, len(queue)):
-                slip = line.finishes[index - position + 1] - base.finishes[index]
-                age = max(0.0, now - queue[index].created_at)
-                delay += slip * (1.0 + age / self.policy.age_tau_s)
-            after = touch(resident, job.models, worker.slots, worker.pinned)
-            evicted = [m for m in resident if m not in after]
-            penalty = self._eviction_cost(evicted, worker, copies, now, est)
-            cold = tuple(m for m in job.models if m not in resident)
-            loads = sum(est.load_s(worker, m) for m in cold)
-            score = (
-                (finish - now) + delay + self.policy.eviction_weight * penalty + (penalty + loads) * pressure
-            )
-            if best is None or score < best.score:
-                best = _Placement(score, finish, position, cold)
-        assert best is not None
+        for position in sorted(set(positions)):
+            placement = self._place_at(worker, run, t, job, position, end, now, est, copies, pressure)
+            # Scores within TIE of each other are equal (they are sums in another order than a walk
+            # over the queue would take): the earlier place wins, as it did there.
+            if placement is not None and (
+                best is None or placement.score < best.score - TIE * abs(best.score)
+            ):
+                best = placement
+        assert best is not None  # the end of its priority settles at once: nothing runs behind it
         return best
+
+    def _batch_positions(
+        self, worker: WorkerView, run: _Run, job: JobView, limit: int, end: int, now: float, est: Estimates
+    ) -> list[int]:
+        """Places right after the queued jobs in ``limit .. end - 1`` that use one of ``job``'s
+        models, the nearest to the end first, at most ``batch_places`` of them. Of a stretch of jobs
+        with exactly ``job``'s models (its group) only the place after its last job is returned: each
+        place inside it scores more than the next one (both leave the same models resident, and the
+        next one adds the job's own seconds to its wait but spares the job it passes that much delay,
+        inflated by its age), so none of them can be the cheapest."""
+        uses = [run.by_model.get(m, []) for m in set(job.models)]
+        job_s = est.job_s(worker, job)
+        positions: list[int] = []
+        below = end  # the next pivot is before this index
+        while len(positions) < self.policy.batch_places:
+            pivot = -1
+            for indexes in uses:
+                at = bisect_left(indexes, below) - 1
+                if at >= 0 and indexes[at] > pivot:
+                    pivot = indexes[at]
+            if pivot < limit:
+                break
+            positions.append(pivot + 1)
+            first = max(run.group_start[pivot], limit)
+            if (
+                first < pivot
+                and run.jobs[pivot].models == job.models
+                and job_s > 0
+                and run.newest[pivot] < now
+            ):
+                below = first
+            else:
+                below = pivot
+        return positions
+
+    def _place_at(
+        self,
+        worker: WorkerView,
+        run: _Run,
+        t: float,
+        job: JobView,
+        position: int,
+        end: int,
+        now: float,
+        est: Estimates,
+        copies: dict[str, int],
+        pressure: float,
+    ) -> _Placement | None:
+        """The score of ``job`` placed at ``position`` (None: its effect did not settle in time)."""
+        t0 = t + run.seconds_to[position - 1] if position > 0 else t
+        resident = run.resident_before[position] if position < len(run.jobs) else run.resident
+        finish = t0 + _cost(worker, job, resident, est)
+        after = touch(resident, job.models, worker.slots, worker.pinned)
+        delay = self._delay(worker, run, t, position, after, finish, now, est)
+        if delay is None:
+            return None
+        evicted = [m for m in resident if m not in after]
+        penalty = self._eviction_cost(evicted, worker, copies, now, est)
+        cold = tuple(m for m in job.models if m not in resident)
+        loads = sum(est.load_s(worker, m) for m in cold)
+        score = (finish - now) + delay + self.policy.eviction_weight * penalty + (penalty + loads) * pressure
+        return _Placement(score, finish, position, cold, end)
+
+    def _delay(
+        self,
+        worker: WorkerView,
+        run: _Run,
+        t: float,
+        first: int,
+        resident: list[str],
+        start: float,
+        now: float,
+        est: Estimates,
+    ) -> float | None:
+        """The delay a job placed before queued job ``first`` causes the jobs from there on, each
+        slip weighted by 1 + the job's age / age_tau_s, when job ``first`` starts at ``start`` with
+        ``resident`` loaded instead of as in the timeline ``run``.
+
+        Once the same models are resident as in ``run`` (the same list; the same set when nothing is
+        ever evicted) every later job slips by the same seconds: the rest is one suffix sum. Between
+        the jobs that load a model in either timeline (found with the indexes, not by walking) the
+        jobs only reorder resident models, so they too slip alike. None when it has not settled after
+        ``settle_jobs`` such steps (the place is not tried)."""
+        tau = self.policy.age_tau_s
+        slots, pinned = worker.slots, worker.pinned
+        jobs, seconds_to, before = run.jobs, run.seconds_to, run.resident_before
+        count = len(jobs)
+        delay = 0.0
+        index = first
+        for _ in range(self.policy.settle_jobs):
+            if index >= count:
+                return delay
+            base = before[index]
+            base_start = t + seconds_to[index - 1] if index > 0 else t
+            if resident == base or (slots is None and set(resident) == set(base)):
+                return delay + (start - base_start) * run.weight(index, count, now, tau)
+            plain = not run.duplicates and len(set(resident)) == len(resident) and len(set(base)) == len(base)
+            if plain and (slots is None or (len(resident) <= slots and len(base) <= slots)):
+                # Within the slots, a job whose models are resident in both timelines evicts nothing
+                # in either: up to the next job that loads one in either, the jobs slip alike.
+                stop = run.next_use(set(base).difference(resident), index)
+                if stop > index:
+                    slip = start - base_start
+                    delay += slip * run.weight(index, stop, now, tau)
+                    if stop >= count:
+                        return delay
+                    # What those jobs touched moved to the end in both, in the order they last did.
+                    resident_then = before[stop]
+                    touched = {m for m in resident_then if run.used_between(m, index, stop)}
+                    resident = [m for m in resident if m not in touched] + [
+                        m for m in resident_then if m in touched
+                    ]
+                    start = t + seconds_to[stop - 1] + slip
+                    index = stop
+            queued = jobs[index]
+            start += _cost(worker, queued, resident, est)
+            slip = start - (t + seconds_to[index])
+            delay += slip * (1.0 + max(0.0, now - queued.created_at) / tau)
+            resident = touch(resident, queued.models, slots, pinned)
+            index += 1
+        return delay if index >= count else None
 
     def utilisation(self, live: list[WorkerView], now: float, est: Estimates) -> float:
         """The pool's offered utilisation: recent arrivals x their job seconds per live worker
@@ -577,6 +934,7 @@ class Router:
         live = pool.live()
         if not live:
             return []
+        timelines = timelines if timelines is not None else Timelines()
         actions: list[Move | Preload] = []
         for dead in [w for w in pool.workers.values() if not w.live and w.queue]:
             for job in list(dead.queue):
@@ -594,7 +952,7 @@ class Router:
                 self._append(pool.workers[route.worker], job)
                 actions.append(Move(job, None, route.worker, "shared"))
         actions.extend(self._steals(pool, live, now, est, timelines))
-        actions.extend(self._preloads(pool, live, now, est))
+        actions.extend(self._preloads(pool, live, now, est, timelines))
         return actions
 
     @staticmethod
@@ -609,64 +967,110 @@ class Router:
         est: Estimates,
         cache: Timelines | None = None,
     ) -> list[Move]:
-        def line(worker: WorkerView) -> Timeline:
-            return cache.timeline(worker, now, est) if cache is not None else timeline(worker, now, est)
+        """Each soon-idle worker (most idle first) takes the queued job that finishes soonest there
+        compared with where it is: the most urgent priority first, then the largest gain (the first
+        in the pool's order among equals).
 
+        Not a walk over every queued job: a victim's queue is looked at from its end, one group of
+        like jobs at a time (the same models, priority and pins: the same cost on the thief, so its
+        last job, which finishes latest, gains most), and the walk stops where a job's finish minus
+        the thief's start, an upper bound of any earlier job's gain, cannot beat the best found."""
+        cache = cache if cache is not None else Timelines()
+        policy = self.policy
         moves: list[Move] = []
-        timelines = {w.id: line(w) for w in live}
+        runs = {w.id: cache.run(w, now, est) for w in live}
+
+        def free_at(worker: WorkerView) -> float:
+            t, run = runs[worker.id]
+            return t + (run.seconds_to[-1] if run.seconds_to else 0.0)
+
         copies = self._copies(live)
-        pressure = self.policy.load_pressure_weight * self._pressure(live, now, est)
-        for thief in sorted(live, key=lambda w: (timelines[w.id].free_at, w.id)):
-            mine = timelines[thief.id]
-            if mine.free_at > now + self.policy.steal_horizon_s:
+        pressure = policy.load_pressure_weight * self._pressure(live, now, est)
+        for thief in sorted(live, key=lambda w: (free_at(w), w.id)):
+            free = free_at(thief)
+            if free > now + policy.steal_horizon_s:
                 continue
-            start = max(now, mine.free_at)
-            best: tuple[tuple[float, float], WorkerView, JobView] | None = None
-            for victim in live:
+            start = max(now, free)
+            mine = runs[thief.id][1].resident
+            # ((step, -gain, victim's place in the pool, index), victim, index)
+            best: tuple[tuple[float, float, int, int], WorkerView, int] | None = None
+            for order, victim in enumerate(live):
                 if victim is thief or not victim.queue:
                     continue
-                finishes = timelines[victim.id].finishes
-                for index, job in enumerate(victim.queue):
-                    if job.pin_worker is not None or not thief.can_run(job):
+                t, run = runs[victim.id]
+                seconds_to = run.seconds_to
+                index = len(run.jobs) - 1
+                while index >= 0:
+                    finish = t + seconds_to[index]
+                    bound = finish - start  # no job up to here gains more
+                    if bound < policy.steal_min_gain_s:
+                        break
+                    job = run.jobs[index]
+                    if best is not None and (
+                        job.step > best[0][0] or (job.step == best[0][0] and bound < -best[0][1])
+                    ):
+                        index = run.step_start[index] - 1  # nothing else of this priority here wins
                         continue
-                    cold = [m for m in job.models if m not in mine.resident]
-                    loads = sum(est.load_s(thief, m) for m in cold)
-                    gain = finishes[index] - (start + loads + est.job_s(thief, job))
-                    if gain < self.policy.steal_min_gain_s:
-                        continue
-                    if cold:
-                        # A cold steal pays for its loads and what they evict, as a placement does.
-                        after = touch(mine.resident, job.models, thief.slots, thief.pinned)
-                        evicted = [m for m in mine.resident if m not in after]
-                        penalty = self._eviction_cost(evicted, thief, copies, now, est)
-                        cost = self.policy.eviction_weight * penalty + (penalty + loads) * pressure
-                        if gain < self.policy.steal_load_ratio * loads + cost:
-                            continue
-                    key = (float(job.step), -gain)  # the most urgent priority, then the largest gain
-                    if best is None or key < best[0]:
-                        best = (key, victim, job)
+                    group = run.group_start[index]
+                    if job.pin_worker is None and thief.can_run(job):
+                        cold = [m for m in job.models if m not in mine]
+                        loads = sum(est.load_s(thief, m) for m in cold)
+                        spent = start + loads + est.job_s(thief, job)
+                        gain = finish - spent
+                        allowed = gain >= policy.steal_min_gain_s
+                        if allowed and cold:
+                            # A cold steal pays for its loads and what they evict, as a placement does.
+                            after = touch(mine, job.models, thief.slots, thief.pinned)
+                            evicted = [m for m in mine if m not in after]
+                            penalty = self._eviction_cost(evicted, thief, copies, now, est)
+                            cost = policy.eviction_weight * penalty + (penalty + loads) * pressure
+                            allowed = gain >= policy.steal_load_ratio * loads + cost
+                        if allowed:
+                            # The first job of the group that gains as much (they differ by finish only).
+                            first = bisect_left(
+                                range(group, index + 1), gain, key=lambda i: (t + seconds_to[i]) - spent
+                            )
+                            key = (float(job.step), -gain, order, group + first)
+                            if best is None or key < best[0]:
+                                best = (key, victim, group + first)
+                    index = group - 1
             if best is None:
                 continue
-            _, victim, job = best
-            victim.queue.remove(job)
+            _, victim, index = best
+            job = victim.queue.pop(index)
             self._append(thief, job)
             moves.append(Move(job, victim.id, thief.id, "steal"))
-            timelines[victim.id] = line(victim)
-            timelines[thief.id] = line(thief)
+            runs[victim.id] = cache.run(victim, now, est)
+            runs[thief.id] = cache.run(thief, now, est)
         return moves
 
-    def _preloads(self, pool: PoolView, live: list[WorkerView], now: float, est: Estimates) -> list[Preload]:
+    def _preloads(
+        self,
+        pool: PoolView,
+        live: list[WorkerView],
+        now: float,
+        est: Estimates,
+        timelines: Timelines | None = None,
+    ) -> list[Preload]:
         preloads: list[Preload] = []
+        idle = [w for w in live if not w.queue and w.running is None and not w.loading]
+        if not idle:
+            return preloads
+        timelines = timelines if timelines is not None else Timelines()
+        # Queued jobs by model: counted from the live workers' indexes, the dead workers' queues walked.
         backlog: dict[str, int] = {}
         for worker in pool.workers.values():
+            if worker.live:
+                for model, uses in timelines.run(worker, now, est)[1].by_model.items():
+                    if uses:
+                        backlog[model] = backlog.get(model, 0) + len(uses)
+                continue
             for job in worker.queue:
                 for model in job.models:
                     backlog[model] = backlog.get(model, 0) + 1
         copies = self._copies(live)
         pressure = self.policy.load_pressure_weight * self._pressure(live, now, est)
-        for worker in live:
-            if worker.queue or worker.running is not None or worker.loading:
-                continue
+        for worker in idle:
             waiting = set(worker.resident) | set(worker.loading) | set(worker.preload_requested)
             pinned = sorted(m for m in worker.pinned if m not in waiting)
             if pinned:
@@ -688,7 +1092,10 @@ class Router:
                 # What a new job for the model would cost elsewhere (its wait and the delay it
                 # causes), against a load and the job here.
                 elsewhere = min(
-                    (self._best_placement(w, probe, now, est, copies, True).score for w in others),
+                    (
+                        self._best_placement(w, probe, now, est, copies, True, timelines=timelines).score
+                        for w in others
+                    ),
                     default=math.inf,
                 )
                 load = est.load_s(worker, model)

@@ -14,6 +14,14 @@ wall time and the machine's cores (100% = every core busy).
 
     .venv/bin/python bench/submit.py                          # both routes, ~1 minute
     .venv/bin/python bench/submit.py --gateway-processes 2 --clients 1 --concurrency 32 --rate 1000
+
+Routing against a deep backlog of one model: with ``--models N`` the prompts load a checkpoint
+(txt2img, ``CheckpointLoaderSimple``), cycling over N names that the gateway's models folder lists
+(empty files: no worker runs them); with ``--fake-workers`` they are routed to idle workers' queues,
+which grow. ``--backlog`` fills the queues to each depth in turn (unmeasured) and measures
+``--measure`` requests closed loop there:
+
+    .venv/bin/python bench/submit.py --fake-workers 2 --models 1 --routes /v1/jobs --backlog 0,1000,3000,6000
 """
 
 from __future__ import annotations
@@ -58,6 +66,41 @@ ROUTES: dict[str, tuple[dict[str, Any], int]] = {
 }
 
 
+def checkpoint_name(index: int) -> str:
+    return f"bench-{index:02d}.safetensors"
+
+
+def model_prompt(index: int) -> dict[str, Any]:
+    """A txt2img prompt whose loader names checkpoint ``index`` (the job's models: that file)."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name(index)}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a glass bottle", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": 1,
+                "steps": 20,
+                "cfg": 8.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bench"}},
+    }
+
+
+def route_body(route: str, prompt: dict[str, Any]) -> dict[str, Any]:
+    return {**ROUTES[route][0], "prompt": prompt}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -93,8 +136,9 @@ def group_cpu_s(pgid: int) -> float:
 class Stack:
     """redis-server and the gateway, each in its own process group."""
 
-    def __init__(self, workdir: Path, gateway_processes: int) -> None:
+    def __init__(self, workdir: Path, gateway_processes: int, models: int = 0) -> None:
         self.workdir = workdir
+        self.models = models
         self.redis_port = free_port()
         self.port = free_port()
         self.gateway_processes = gateway_processes
@@ -123,7 +167,9 @@ class Stack:
 
     def start_all(self) -> None:
         (self.workdir / "redis").mkdir()
-        (self.workdir / "models").mkdir()
+        (self.workdir / "models" / "checkpoints").mkdir(parents=True)
+        for index in range(self.models):
+            (self.workdir / "models" / "checkpoints" / checkpoint_name(index)).write_bytes(b"bench")
         redis_args = [
             "--port",
             str(self.redis_port),
@@ -193,8 +239,8 @@ class Stack:
 # -- the load generator (a separate process) --------------------------------------------------------
 
 
-def request_bytes(port: int, route: str) -> bytes:
-    body = json.dumps(ROUTES[route][0]).encode()
+def request_bytes(port: int, route: str, prompt: dict[str, Any] = PROMPT) -> bytes:
+    body = json.dumps(route_body(route, prompt)).encode()
     head = (
         f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {API_KEY}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -227,16 +273,21 @@ async def connect(port: int, count: int) -> list[Connection]:
 
 
 async def closed_loop(
-    port: int, request: bytes, ok: int, concurrency: int, duration: float
+    port: int, requests: list[bytes], ok: int, concurrency: int, duration: float, count: int = 0
 ) -> dict[str, Any]:
+    """Until ``duration`` has passed, or, with ``count``, until that many requests were sent;
+    request i is ``requests[i % len(requests)]``."""
     connections = await connect(port, concurrency)
     latencies: list[float] = []
     errors = 0
+    sent = 0
     stop_at = time.perf_counter() + duration
 
     async def run(connection: Connection) -> None:
-        nonlocal errors
-        while time.perf_counter() < stop_at:
+        nonlocal errors, sent
+        while (sent < count) if count else (time.perf_counter() < stop_at):
+            request = requests[sent % len(requests)]
+            sent += 1
             started = time.perf_counter()
             status = await connection.send(request)
             latencies.append((time.perf_counter() - started) * 1000)
@@ -251,7 +302,7 @@ async def closed_loop(
 
 
 async def open_loop(
-    port: int, request: bytes, ok: int, rate: float, duration: float, pool: int
+    port: int, requests: list[bytes], ok: int, rate: float, duration: float, pool: int
 ) -> dict[str, Any]:
     """Requests scheduled every 1/rate s on ``pool`` keep-alive connections; latency counts from the
     scheduled time (a request waiting for a free connection is late, not excused)."""
@@ -261,7 +312,7 @@ async def open_loop(
     latencies: list[float] = []
     errors = 0
 
-    async def one(scheduled: float) -> None:
+    async def one(scheduled: float, request: bytes) -> None:
         nonlocal errors
         connection = await free.get()
         try:
@@ -278,7 +329,7 @@ async def open_loop(
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(scheduled)))
+        tasks.append(asyncio.create_task(one(scheduled, requests[index % len(requests)])))
     # Requests still unanswered one duration after the last was due count as errors.
     _, pending = await asyncio.wait(tasks, timeout=duration)
     for task in pending:
@@ -299,12 +350,13 @@ def load_generator_main(args: argparse.Namespace) -> None:
         import uvloop
 
         uvloop.install()
-    request, ok = request_bytes(args.port, args.route), ROUTES[args.route][1]
+    prompts = [model_prompt(index) for index in range(args.models)] or [PROMPT]
+    requests, ok = [request_bytes(args.port, args.route, p) for p in prompts], ROUTES[args.route][1]
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     if args.rate:
-        coroutine = open_loop(args.port, request, ok, args.rate, args.duration, args.concurrency)
+        coroutine = open_loop(args.port, requests, ok, args.rate, args.duration, args.concurrency)
     else:
-        coroutine = closed_loop(args.port, request, ok, args.concurrency, args.duration)
+        coroutine = closed_loop(args.port, requests, ok, args.concurrency, args.duration, args.count)
     result = asyncio.run(coroutine)
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu_s"] = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
@@ -312,18 +364,22 @@ def load_generator_main(args: argparse.Namespace) -> None:
 
 
 def run_load(
-    stack: Stack, route: str, clients: int, concurrency: int, duration: float, rate: float
+    stack: Stack, route: str, clients: int, concurrency: int, duration: float, rate: float, count: int = 0
 ) -> dict[str, Any]:
-    """``clients`` load processes sharing ``concurrency`` connections (and ``rate``)."""
+    """``clients`` load processes sharing ``concurrency`` connections (and ``rate``, and ``count``
+    requests when it is set: then closed loop until they are answered, whatever ``duration``)."""
     share = max(1, concurrency // clients)
     command = [sys.executable, __file__, "--load-generator", "--port", str(stack.port), "--route", route]
     command += ["--concurrency", str(share), "--duration", str(duration), "--rate", str(rate / clients)]
+    command += ["--models", str(stack.models)]
+    if count:
+        command += ["--count", str(max(1, count // clients))]
     gateway = stack.processes["gateway"].pid
     redis_pid = stack.processes["redis"].pid
     gateway_before, redis_before = group_cpu_s(gateway), process_cpu_s(redis_pid)
     began = time.perf_counter()
     children = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
-    outputs = [child.communicate(timeout=600)[0] for child in children]
+    outputs = [child.communicate(timeout=3600)[0] for child in children]
     wall = time.perf_counter() - began
     results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
     requests = sum(r["requests"] for r in results)
@@ -332,6 +388,8 @@ def run_load(
     redis_cpu = process_cpu_s(redis_pid) - redis_before
     client_cpu = sum(r["cpu_s"] for r in results)
     mode = f"open {rate:.0f}/s" if rate else f"closed {concurrency} conn"
+    if count:
+        mode = f"{count} req, {concurrency} conn"
     return {
         "route": route,
         "mode": f"{mode}, {clients} proc",
@@ -366,6 +424,51 @@ def print_table(runs: list[dict[str, Any]]) -> None:
         )
 
 
+def queued(stack: Stack) -> int:
+    """Task messages waiting in every queue (the shared one and the workers')."""
+    import redis
+
+    client = redis.Redis.from_url(stack.env["KILN_REDIS_URL"])
+    try:
+        keys = [k for k in client.scan_iter(match="kiln.*", count=1000) if client.type(k) == b"list"]
+        return sum(client.llen(k) for k in keys)
+    finally:
+        client.close()
+
+
+def print_backlog_table(runs: list[dict[str, Any]]) -> None:
+    print("| route | backlog | requests | req/s | p50 ms | p99 ms | errors | gw ms/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for run in runs:
+        p50 = statistics.median(run["latencies"]) if run["latencies"] else float("nan")
+        p99 = percentile(run["latencies"], 0.99)
+        print(
+            f"| {run['route']} | {run['backlog']} | {run['requests']} | {run['rate']:.0f} | {p50:.2f} "
+            f"| {p99:.2f} | {run['errors']} | {run['gateway_ms']:.3f} |"
+        )
+
+
+def backlog_runs(stack: Stack, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per route: from an empty Redis, fill the queues to each depth in turn (closed loop, not
+    measured) and measure ``args.measure`` requests there."""
+    concurrency = int(args.concurrency.split(",")[0])
+    runs = []
+    for route in args.routes.split(","):
+        stack.empty()
+        depth = 0
+        for target in sorted(int(d) for d in args.backlog.split(",")):
+            if target > depth:
+                fill = run_load(stack, route, args.clients, concurrency, 0.0, 0.0, target - depth)
+                depth += fill["requests"] - fill["errors"]
+            run = run_load(stack, route, args.clients, concurrency, 0.0, 0.0, args.measure)
+            run["backlog"] = queued(stack) - (run["requests"] - run["errors"])  # at the run's start
+            depth += run["requests"] - run["errors"]
+            runs.append(run)
+            rate, cpu = run["rate"], run["gateway_ms"]
+            print(f"# {route} backlog {run['backlog']}: {rate:.0f} req/s, gw {cpu:.3f} ms/req", flush=True)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -382,10 +485,24 @@ def main() -> None:
     parser.add_argument(
         "--fake-workers", type=int, default=0, help="idle workers (heartbeats only) that jobs are routed to"
     )
+    parser.add_argument(
+        "--models",
+        type=int,
+        default=0,
+        help="prompts load a checkpoint, cycling over this many (0: the model-free EmptyImage prompt)",
+    )
+    parser.add_argument(
+        "--backlog",
+        default="",
+        help="instead of the runs above: fill the queues to each of these depths (comma-separated) and "
+        "measure --measure requests closed loop (first --concurrency) at each",
+    )
+    parser.add_argument("--measure", type=int, default=500, help="requests measured per --backlog depth")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     parser.add_argument("--load-generator", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--route", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_generator:
         args.concurrency = int(args.concurrency)
@@ -393,11 +510,12 @@ def main() -> None:
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="kiln-bench-submit-"))
-    stack = Stack(workdir, args.gateway_processes)
+    stack = Stack(workdir, args.gateway_processes, args.models)
     print(
         f"# gateway submit throughput ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}); gateway processes: {args.gateway_processes}, "
-        f"load processes: {args.clients}; fake workers: {args.fake_workers}; {args.duration:.0f} s per run; "
+        f"load processes: {args.clients}; fake workers: {args.fake_workers}; models: {args.models}; "
+        f"{args.duration:.0f} s per run; "
         f"work folder {workdir}"
     )
     runs = []
@@ -406,7 +524,9 @@ def main() -> None:
         stack.start_all()
         if args.fake_workers:
             stack.fake_workers(args.fake_workers, stop)
-        for route in args.routes.split(","):
+        if args.backlog:
+            runs = backlog_runs(stack, args)
+        for route in args.routes.split(",") if not args.backlog else ():
             for concurrency in args.concurrency.split(","):
                 stack.empty()
                 runs.append(run_load(stack, route, args.clients, int(concurrency), args.duration, 0.0))
@@ -418,6 +538,9 @@ def main() -> None:
         stack.stop_all()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    if args.backlog:
+        print_backlog_table(runs)
+        return
     print_table(runs)
     print("errors: non-2xx answers, and open-loop requests unanswered one run length after their time")
 

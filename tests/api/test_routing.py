@@ -8,7 +8,7 @@ import json
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+import api.routing
 from api.routing import (
     Estimates,
     JobView,
@@ -29,8 +30,10 @@ from api.routing import (
     RunningView,
     Timelines,
     WorkerView,
+    _advance,
     priority_step,
     timeline,
+    touch,
 )
 from api.submit import models_needed
 from engine.registry import default_registry
@@ -227,17 +230,297 @@ def test_kept_timelines_match_timelines_computed_afresh():
     w = worker("w", resident=(A,), slots=2, running=RunningView(job("r", B), started_at=NOW - 1.0))
     est = Estimates(pool(w), POLICY)
     kept = Timelines()
-    for step in range(300):
-        if w.queue and rng.random() < 0.3:
-            w.queue.pop(rng.randrange(len(w.queue)))
-        else:
-            new = job(f"j{step}", *rng.sample(models, rng.randint(0, 2)), priority=rng.choice((2, 5, 8)))
-            w.queue.insert(rng.randint(0, len(w.queue)), new)
+    for step in range(600):
         now = NOW + step * 0.01
+        roll = rng.random()
+        if w.queue and roll < 0.3:
+            w.queue.pop(rng.randrange(len(w.queue)))
+        elif w.queue and roll < 0.6:  # batched: the newest job, right after one like it
+            at = rng.randrange(len(w.queue))
+            like = w.queue[at]
+            w.queue.insert(at + 1, JobView(f"j{step}", like.models, like.priority, now, like.pin_worker))
+        else:
+            new = job(
+                f"j{step}",
+                *rng.sample(models, rng.randint(0, 2)),
+                priority=rng.choice((2, 5, 8)),
+                age=rng.uniform(0.0, 90.0),
+            )
+            w.queue.insert(rng.randint(0, len(w.queue)), new)
         got, want = kept.timeline(w, now, est), timeline(w, now, est)
         assert got.start == want.start and got.resident == want.resident
         assert got.resident_before == want.resident_before
         assert got.finishes == pytest.approx(want.finishes) and got.free_at == pytest.approx(want.free_at)
+        # The indexes kept with it (models, groups, the older-jobs chain) as if built afresh; times
+        # shifted rather than summed again agree to rounding.
+        got_run = vars(kept.run(w, now, est)[1]).copy()
+        want_run = vars(Timelines().run(w, now, est)[1]).copy()
+        sums = [(r.pop("seconds_to"), r.pop("created_sum"), r.pop("ref")) for r in (got_run, want_run)]
+        assert got_run == want_run
+        assert sums[0][0] == pytest.approx(sums[1][0])
+        created = [[c + ref * i for i, c in enumerate(column)] for _, column, ref in sums]
+        assert created[0] == pytest.approx(created[1])
+
+
+# -- deep queues: the decisions of a walk over the queue, at a cost that does not grow with it ----------
+
+
+def reference_placement(
+    router: Router, w: WorkerView, new: JobView, now: float, est: Estimates, pressure: float
+) -> dict[int, float]:
+    """Score of every place the router tried before deep queues were indexed: after each job of the
+    new job's models in the overtaking window (and first, when they are resident then), each scored
+    by running the whole queue behind it again."""
+    policy, queue = router.policy, w.queue
+    end = w.insert_position(new)
+    base = timeline(w, now, est)
+    positions = {end}
+    if new.models:
+        limit = end
+        while (
+            limit > 0
+            and queue[limit - 1].step == new.step
+            and now - queue[limit - 1].created_at < policy.overtake_age_s
+        ):
+            limit -= 1
+        positions |= {i + 1 for i in range(limit, end) if any(m in queue[i].models for m in new.models)}
+        if limit < end and all(m in base.resident_before[limit] for m in new.models):
+            positions.add(limit)
+    scores = {}
+    copies = router._copies([w])
+    for position in sorted(positions):
+        t0 = base.finishes[position - 1] if position > 0 else base.start
+        resident = base.resident_before[position] if position < len(queue) else base.resident
+        line = _advance(w, t0, resident, [new, *queue[position:]], est)
+        delay = 0.0
+        for i in range(position, len(queue)):
+            age = max(0.0, now - queue[i].created_at)
+            delay += (line.finishes[i - position + 1] - base.finishes[i]) * (1.0 + age / policy.age_tau_s)
+        after = touch(resident, new.models, w.slots, w.pinned)
+        penalty = router._eviction_cost([m for m in resident if m not in after], w, copies, now, est)
+        loads = sum(est.load_s(w, m) for m in new.models if m not in resident)
+        scores[position] = (line.finishes[0] - now) + delay + policy.eviction_weight * penalty
+        scores[position] += (penalty + loads) * pressure
+    return scores
+
+
+def reference_steals(router: Router, pool: PoolView, now: float) -> list[tuple[str, str, str]]:
+    """The steals as plan() found them before: every queued job of every victim looked at."""
+    policy, est, live = router.policy, Estimates(pool, router.policy), pool.live()
+    lines = {w.id: timeline(w, now, est) for w in live}
+    copies = router._copies(live)
+    pressure = policy.load_pressure_weight * router._pressure(live, now, est)
+    moves = []
+    for thief in sorted(live, key=lambda w: (lines[w.id].free_at, w.id)):
+        mine = lines[thief.id]
+        if mine.free_at > now + policy.steal_horizon_s:
+            continue
+        start = max(now, mine.free_at)
+        best = None
+        for victim in live:
+            for index, queued in enumerate(victim.queue if victim is not thief else ()):
+                if queued.pin_worker is not None or not thief.can_run(queued):
+                    continue
+                cold = [m for m in queued.models if m not in mine.resident]
+                loads = sum(est.load_s(thief, m) for m in cold)
+                gain = lines[victim.id].finishes[index] - (start + loads + est.job_s(thief, queued))
+                if gain < policy.steal_min_gain_s:
+                    continue
+                if cold:
+                    after = touch(mine.resident, queued.models, thief.slots, thief.pinned)
+                    evicted = [m for m in mine.resident if m not in after]
+                    penalty = router._eviction_cost(evicted, thief, copies, now, est)
+                    cost = policy.eviction_weight * penalty + (penalty + loads) * pressure
+                    if gain < policy.steal_load_ratio * loads + cost:
+                        continue
+                if best is None or (float(queued.step), -gain) < best[0]:
+                    best = ((float(queued.step), -gain), victim, index)
+        if best is not None:
+            _, victim, index = best
+            stolen = victim.queue.pop(index)
+            thief.queue.insert(thief.insert_position(stolen), stolen)
+            moves.append((stolen.id, victim.id, thief.id))
+            lines[victim.id], lines[thief.id] = timeline(victim, now, est), timeline(thief, now, est)
+    return moves
+
+
+MODELS = (A, B, C, "loras/d.safetensors")
+
+
+def random_worker(rng: random.Random, worker_id: str, depth: int) -> WorkerView:
+    slots = rng.choice((None, 1, 2, 3))
+    resident = rng.sample(MODELS, rng.randint(0, min(3, slots or 3)))
+    queue: list[JobView] = []
+    for i in range(depth):
+        created = NOW - rng.uniform(0.0, 120.0) if rng.random() > 0.03 else NOW + rng.random()
+        if queue and rng.random() < 0.5:  # like the one before: stretches of one model
+            last = queue[-1]
+            queue.append(JobView(f"{worker_id}-{i}", last.models, last.priority, created, last.pin_worker))
+        elif rng.random() < 0.05:
+            queue.append(JobView(f"{worker_id}-{i}", stale=True, created_at=created))
+        else:
+            models = tuple(sorted(rng.sample(MODELS, rng.choice((0, 1, 1, 1, 2)))))
+            pin = "elsewhere" if rng.random() < 0.05 else None
+            queue.append(JobView(f"{worker_id}-{i}", models, rng.choice((2, 5, 5, 8)), created, pin))
+    if rng.random() < 0.9:
+        queue.sort(key=lambda j: j.step)  # run order (kombu's priority lists), else any order
+    running = None
+    if rng.random() < 0.6:
+        running = RunningView(job("r", rng.choice(MODELS)), started_at=NOW - rng.uniform(0, 3))
+    return WorkerView(
+        id=worker_id,
+        resident=resident,
+        slots=slots,
+        pinned=frozenset(resident[:1]) if resident and rng.random() < 0.2 else frozenset(),
+        running=running,
+        queue=queue,
+        job_seconds={m: rng.uniform(0.5, 4.0) for m in MODELS},
+        load_seconds={m: rng.uniform(2.0, 12.0) for m in MODELS},
+    )
+
+
+def test_placements_match_a_walk_over_the_whole_queue():
+    """Indexes, skipped stretches and settled timelines change no decision: the same place, the
+    same score as trying every place and running the whole queue behind each (bounds lifted)."""
+    rng = random.Random(11)
+    router = Router(replace(POLICY, batch_places=10**6, settle_jobs=10**6))
+    for demand in rng.choices(MODELS, k=40):
+        router.demand.record([demand], NOW - rng.uniform(0, 60))
+    for case in range(400):
+        w = random_worker(rng, "w", rng.randint(0, 40))
+        new = job("new", *sorted(rng.sample(MODELS, rng.choice((1, 1, 2)))), priority=rng.choice((2, 5, 8)))
+        est, pressure = Estimates(pool(w), router.policy), rng.choice((0.0, 0.7, 4.0))
+        got = router._best_placement(w, new, NOW, est, router._copies([w]), True, pressure, Timelines())
+        scores = reference_placement(router, w, new, NOW, est, pressure)
+        best = min(scores, key=lambda p: (scores[p], p))
+        assert got.score == pytest.approx(scores[best], rel=1e-9, abs=1e-9), case
+        # The same place, or one the walk scores the same (a tie broken by rounding).
+        assert got.position == best or scores[got.position] == pytest.approx(scores[best], abs=1e-9), case
+
+
+def test_steals_match_a_walk_over_every_queued_job():
+    rng = random.Random(5)
+    router = Router(POLICY)
+    steals = 0
+    for case in range(300):
+        workers = [random_worker(rng, f"w{i}", rng.randint(0, 30)) for i in range(rng.randint(2, 4))]
+        for w in workers[: rng.randint(1, 2)]:  # soon idle
+            w.queue.clear()
+            w.running = None if rng.random() < 0.7 else RunningView(job("r", A), started_at=NOW - 1.9)
+        view = pool(*workers)
+        want = reference_steals(router, view.copy(), NOW)
+        mine = view.copy()
+        moves = router._steals(mine, mine.live(), NOW, Estimates(mine, router.policy))
+        assert [(m.job.id, m.source, m.target) for m in moves] == want, case
+        steals += len(want)
+    assert steals > 50
+
+
+def test_kept_timelines_give_the_decisions_of_fresh_ones():
+    """The gateway routes on a snapshot with its timelines kept between decisions; the simulation
+    computes them afresh each time. Both must decide alike through routing, claims and rounds."""
+    rng = random.Random(3)
+    workers = [random_worker(rng, f"w{i}", rng.randint(0, 30)) for i in range(3)]
+    kept_pool, fresh_pool = pool(*workers), pool(*workers).copy()
+    kept_router, fresh_router, kept = Router(POLICY), Router(POLICY), Timelines()
+    for step in range(300):
+        now = NOW + step * 0.05
+        roll = rng.random()
+        if roll < 0.1:  # a worker takes the job at the front of its queue
+            w = rng.choice(list(kept_pool.workers))
+            if kept_pool.workers[w].queue:
+                kept_pool.workers[w].queue.pop(0)
+                fresh_pool.workers[w].queue.pop(0)
+            continue
+        if roll < 0.2:
+            got, want = kept_router.plan(kept_pool, now, kept), fresh_router.plan(fresh_pool, now)
+            assert got == want, step
+            continue
+        models = sorted(rng.sample(MODELS, rng.choice((1, 1, 2))))
+        new = JobView(f"n{step}", tuple(models), rng.choice((2, 5, 8)), now - rng.uniform(0, 2))
+        got, want = kept_router.route(new, kept_pool, now, kept), fresh_router.route(new, fresh_pool, now)
+        assert got == want, step
+        kept_pool.workers[got.worker].queue.insert(got.position, new)
+        fresh_pool.workers[want.worker].queue.insert(want.position, new)
+
+
+def one_model_backlog(depth: int, idle: bool = False, stretch: int = 0) -> PoolView:
+    """Two busy workers with ``depth`` queued jobs of model A between them, all younger than
+    overtake_age_s (a burst), and optionally an idle worker that holds nothing. ``stretch``: every
+    that many jobs, one of model B (the A jobs then form that many stretches)."""
+    workers = []
+    for w in range(2):
+        queue = []
+        for i in range(depth // 2):
+            models = (B,) if stretch and i % stretch == stretch - 1 else (A,)
+            queue.append(JobView(f"w{w}-{i}", models, created_at=NOW - 30.0 + 30.0 * i / max(1, depth)))
+        busy = RunningView(job(f"r{w}", A), started_at=NOW - 1.0)
+        workers.append(worker(f"w{w}", (A,), tuple(queue), slots=1, running=busy))
+    if idle:
+        workers.append(worker("idle", (), slots=1))
+    return pool(*workers)
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, limit: int) -> dict[str, int]:
+    """Count calls of ``owner.name``; more than ``limit`` fails at once (a quadratic walk over a deep
+    queue would otherwise run for minutes before failing)."""
+    calls = {"n": 0}
+    original = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        assert calls["n"] <= limit, f"{name} called more than {limit} times"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("depth", [50, 5000])
+def test_routing_into_a_deep_one_model_backlog_costs_what_it_costs_into_a_short_one(monkeypatch, depth):
+    """A burst of one model: each new job may batch after any of thousands of young jobs of its
+    model. Scoring each of those places by running the queue behind it cost ~depth^2 / 2 job
+    costs per decision; now a decision costs a few, whatever the depth."""
+    backlog = one_model_backlog(depth)
+    router, kept = Router(POLICY), Timelines()
+    router.route(job("first", A), backlog, NOW, kept)  # the first decision on a snapshot runs the queues
+    # Per decision: the job's cost at each place tried (after the last A job, and the end of each
+    # worker's queue: the same place), and the new job added to the kept timeline.
+    costs = counting(monkeypatch, api.routing, "_cost", 50 * 6)
+    places = counting(monkeypatch, Router, "_place_at", 50 * 2 * 2)
+    for i in range(50):
+        now = NOW + 0.01 * i
+        new = JobView(f"n{i}", (A,), created_at=now)
+        route = router.route(new, backlog, now, kept)
+        assert route.back  # behind every queued A job: each waited longer than it will
+        backlog.workers[route.worker].queue.insert(route.position, new)
+    assert costs["n"] >= 50 and places["n"] >= 50
+
+
+def test_batch_places_are_bounded_when_a_model_is_spread_over_many_stretches(monkeypatch):
+    backlog = one_model_backlog(5000, stretch=2)  # A B A B ...: 1,250 stretches of A per worker
+    router, kept = Router(POLICY), Timelines()
+    router.route(job("first", A), backlog, NOW, kept)
+    # At most batch_places stretches back, plus the end and the front of the window, per worker; each
+    # place settles within a few jobs (the B job behind it loads B either way).
+    places = counting(monkeypatch, Router, "_place_at", 2 * (POLICY.batch_places + 2))
+    costs = counting(monkeypatch, api.routing, "_cost", 2 * (POLICY.batch_places + 2) * 4)
+    route = router.route(job("new", A), backlog, NOW + 0.01, kept)
+    assert route.worker is not None and places["n"] > POLICY.batch_places and costs["n"] > 0
+
+
+def test_the_steal_search_does_not_look_at_every_queued_job(monkeypatch):
+    backlog = one_model_backlog(5000, idle=True)
+    router, kept = Router(POLICY), Timelines()
+    router.plan(backlog, NOW, kept)  # runs the queues once
+    # A thief looks at one group of like jobs per victim, not at 5,000 jobs.
+    checks = counting(monkeypatch, WorkerView, "can_run", 10)
+    counting(monkeypatch, api.routing, "_cost", 10)  # the kept timelines: no job re-run
+    actions = router.plan(backlog, NOW + 0.01, kept)
+    steals = [a for a in actions if isinstance(a, Move)]
+    # The job that would finish last (the end of the longer queue, w0's on a tie) moves.
+    assert [(m.job.id, m.source, m.target) for m in steals] == [("w0-2499", "w0", "idle")]
+    assert checks["n"] >= 1
 
 
 def test_the_simulation_drives_this_router():
@@ -617,3 +900,62 @@ def test_metrics_report_cluster_figures_from_redis(make_client, redis_client, mo
     assert 'kiln_gpu_memory_bytes{kind="total",worker="w1"} 8.589934592e+09' in text
     assert 'kiln_queue_depth{queue="kiln.jobs"} 1.0' in text
     assert "kiln_workers_live 1.0" in text
+
+
+# -- micro-benchmark: .venv/bin/python -m tests.api.test_routing -----------------------------------------
+
+
+def three_model_backlog(depth: int) -> PoolView:
+    """Two workers that hold one model, each queue ``depth // 2`` young jobs batched in three stretches
+    (A..., B..., C...): a new job goes after its model's stretch, ahead of the others."""
+    workers = []
+    for w in range(2):
+        share = depth // 2
+        queue = tuple(
+            JobView(
+                f"w{w}-{i}", ((A, B, C)[3 * i // max(1, share)],), created_at=NOW - 30.0 + 30.0 * i / share
+            )
+            for i in range(share)
+        )
+        busy = RunningView(job(f"r{w}", C), started_at=NOW - 1.0)
+        workers.append(worker(f"w{w}", (C,), queue, slots=1, running=busy))
+    return pool(*workers)
+
+
+def benchmark(depths: tuple[int, ...] = (0, 100, 300, 1000, 2000, 6000, 20000)) -> None:
+    """CPU per Router.route (a kept Timelines, as the gateway routes on a snapshot; each routed job is
+    inserted where it was routed) and per Router.plan (with an idle worker: the steal search) on
+    synthetic backlogs; a depth is skipped once the previous one took over a second per decision."""
+    print(
+        "| backlog | route, 1 model (ms) | route, 3 models, 1 slot (ms) | plan, 1 model + idle worker (ms) |"
+    )
+    print("|---:|---:|---:|---:|")
+    slow = False
+    for depth in depths:
+        if slow:
+            print(f"| {depth} | (skipped) | (skipped) | (skipped) |")
+            continue
+        cells = []
+        for build, models in ((one_model_backlog, (A,)), (three_model_backlog, (A, B, C))):
+            backlog, router, kept = build(depth), Router(RoutingPolicy()), Timelines()
+            router.route(job("first", A), backlog, NOW, kept)
+            reps = 20 if depth <= 2000 else 50
+            began = time.process_time()
+            for i in range(reps):
+                now = NOW + 0.01 * (i + 1)
+                new = JobView(f"n{i}", (models[i % len(models)],), created_at=now)
+                route = router.route(new, backlog, now, kept)
+                backlog.workers[route.worker].queue.insert(route.position, new)
+            cells.append((time.process_time() - began) / reps * 1000)
+        backlog, router, kept = one_model_backlog(depth, idle=True), Router(RoutingPolicy()), Timelines()
+        router.plan(backlog, NOW, kept)
+        began = time.process_time()
+        for i in range(10):
+            router.plan(backlog, NOW + 0.01 * (i + 1), kept)
+        cells.append((time.process_time() - began) / 10 * 1000)
+        print(f"| {depth} | " + " | ".join(f"{cell:.3f}" for cell in cells) + " |", flush=True)
+        slow = max(cells) > 1000
+
+
+if __name__ == "__main__":
+    benchmark()
