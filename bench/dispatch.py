@@ -18,136 +18,34 @@ Targets (2-core VM): dispatch p50 <= 5 ms, p99 <= 20 ms; >= 1,000 submits/s with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-API_KEY = "bench-key"
-TENANT = "bench"
-PROMPT = {
-    "1": {
-        "class_type": "EmptyImage",
-        "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0x336699},
-    },
-    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench"}},
-}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def wait_for(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
-
+import submit  # bench/submit.py (this folder is on sys.path when a bench script runs)
+from submit import API_KEY, PROMPT, percentile, wait_for
 
 # -- processes -----------------------------------------------------------------------------------------
 
 
-class Stack:
-    """redis-server, the gateway and one CPU worker, each in its own process group."""
+class Stack(submit.Stack):
+    """bench/submit.py's redis-server and gateway, plus one warm CPU worker."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.redis_port = free_port()
-        self.port = free_port()
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("KILN_")},
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
-            "KILN_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "KILN_STORAGE_URL": (workdir / "storage").as_uri(),
-            "KILN_API_KEYS": f"{API_KEY}:{TENANT}",
-            "KILN_SIGNING_SECRET": "bench-signing-secret",
-            "KILN_RATE_LIMIT_PER_S": "1000000",
-            "KILN_RATE_LIMIT_BURST": "1000000",
-            "KILN_MAX_QUEUED_PER_TENANT": "0",
-            "KILN_MODELS_DIRS": str(workdir / "models"),
-            "KILN_INPUT_DIR": str(workdir / "input"),
-            "KILN_LOG_LEVEL": "WARNING",
-            "CUDA_VISIBLE_DEVICES": "",
-        }
-
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (the child keeps it)
-        self.processes[name] = subprocess.Popen(
-            args,
-            env={**self.env, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        super().__init__(workdir, gateway_processes=1)
+        self.env["CUDA_VISIBLE_DEVICES"] = ""
 
     def start_all(self) -> None:
-        redis_server = shutil.which("redis-server")
-        if redis_server is None:
-            sys.exit("redis-server is not installed")
-        (self.workdir / "redis").mkdir()
-        (self.workdir / "models").mkdir()
-        self.start(
-            "redis",
-            [
-                redis_server,
-                *(
-                    "--port",
-                    str(self.redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(self.workdir / "redis"),
-                ),
-                *("--appendonly", "yes", "--appendfsync", "everysec", "--save", ""),
-            ],
-        )
+        super().start_all()
         kiln = [sys.executable, "-m", "kiln"]
-        self.start("gateway", [*kiln, "serve", "--port", str(self.port)])
         self.start("worker", [*kiln, "worker", "--device", "cpu"], {"KILN_WORKER_ID": "bench-cpu"})
-
-    def stop(self, name: str) -> None:
-        process = self.processes.get(name)
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for name in ("worker", "gateway", "redis"):
-            self.stop(name)
 
 
 # -- (a) dispatch latency ---------------------------------------------------------------------------
@@ -218,8 +116,6 @@ def summary(latencies: list[float]) -> tuple[float, float, float]:
 
 
 def run_load(stack: Stack, concurrency: int, duration: float, rate: float = 0.0) -> dict[str, Any]:
-    import submit  # bench/submit.py: the load generator
-
     return submit.run_load(stack, "/v1/jobs", 1, concurrency, duration, rate)  # type: ignore[arg-type]
 
 
@@ -267,8 +163,6 @@ def main() -> None:
         print(f"{name:<44} {p50:>8.2f} {p99:>8.2f} {top:>8.2f} {target:>16}")
     print("\n(b) POST /v1/jobs throughput (gateway alone, each run from an empty queue; every accepted")
     print("    job stays queued, so the queue grows during a run)")
-    import submit
-
     submit.print_table(runs)
     print("targets: >= 1000 req/s with p99 <= 20 ms")
 

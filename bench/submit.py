@@ -158,10 +158,14 @@ class Stack:
             "KILN_LOG_LEVEL": "WARNING",
         }
 
-    def start(self, name: str, args: list[str]) -> None:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (the child keeps it)
         self.processes[name] = subprocess.Popen(
-            args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
 
@@ -192,19 +196,23 @@ class Stack:
 
         return httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200
 
-    def stop_all(self) -> None:
-        for name in ("gateway", "redis"):
-            process = self.processes.get(name)
-            if process is None or process.poll() is not None:
-                continue
+    def stop(self, name: str) -> None:
+        """SIGTERM the process group of ``name`` (SIGKILL after 30 s)."""
+        process = self.processes.get(name)
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.processes)):  # started last, stopped first
+            self.stop(name)
 
     def fake_workers(self, count: int, stop: threading.Event) -> threading.Thread:
         """Heartbeats of ``count`` idle workers that never take a job: submissions are routed to
