@@ -15,7 +15,7 @@ from engine.errors import ModelError
 from engine.models.handles import ModelHandle
 from engine.models.latent_format import LatentFormat
 from engine.ops.resample import upscale
-from engine.sampling.guidance import ExtraCondsFn, repeat_to_batch_size
+from engine.sampling.guidance import ExtraCondsFn, prepare_denoise_mask, repeat_to_batch_size
 
 # The SD latent of a mid-grey image: the "masked image" an inpainting UNet sees without one.
 _BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
@@ -67,9 +67,11 @@ def _no_extra(options: Mapping[str, Any], noise: Tensor) -> dict[str, Tensor]:
     return {}
 
 
-def extra_conds_for(model: ModelHandle, latent_image: Tensor, denoise_mask: Tensor | None) -> ExtraCondsFn:
-    """The guidance ``extra_conds`` function for ``model``: inpainting UNets take concat channels;
-    SD1.x/SD2.x UNets take nothing besides the context (not even ``pooled_output``)."""
+def extra_conds_for(model: ModelHandle, latent_image: Tensor, noise_mask: Tensor | None) -> ExtraCondsFn:
+    """The guidance ``extra_conds`` function for ``model``: inpainting UNets take concat channels
+    (from ``latent_image``, the sampler-space input latent, and the LATENT's ``noise_mask``, prepared
+    here only for them); SD1.x/SD2.x UNets take nothing besides the context (not even
+    ``pooled_output``)."""
     extra_channels = model.config.in_channels - model.config.out_channels
     if extra_channels <= 0:
         return _no_extra
@@ -78,6 +80,9 @@ def extra_conds_for(model: ModelHandle, latent_image: Tensor, denoise_mask: Tens
             f"unsupported UNet: {model.config.in_channels} input channels for "
             f"{model.config.out_channels} output channels (inpainting UNets have 2 x latent + 1)"
         )
+    denoise_mask = None
+    if noise_mask is not None:
+        denoise_mask = prepare_denoise_mask(noise_mask.to(latent_image.device), latent_image.shape)
     return functools.partial(
         inpaint_concat,
         latent_format=model.latent_format,

@@ -22,7 +22,7 @@ from engine.ops.custom_sampling import DisabledNoise, RandomNoiseSource, Sampler
 from engine.ops.inpaint_conds import extra_conds_for
 from engine.ops.models import manager_of
 from engine.ops.step_progress import StepReporter
-from engine.sampling.guidance import CFGGuider, Conditioning, prepare_denoise_mask
+from engine.sampling.guidance import CFGGuider, Conditioning
 from engine.sampling.model_sampling import Denoiser
 from engine.sampling.run import run_sampler
 from engine.sampling.schedulers import (
@@ -85,7 +85,6 @@ def sample_with_guider(
         # ComfyUI scales the input latent only when it holds something (txt2img starts from zeros).
         if torch.count_nonzero(x) > 0:
             x = latent_format.process_in(x)
-        mask = None if noise_mask is None else prepare_denoise_mask(noise_mask.to(device), x.shape)
         denoiser = Denoiser(net, model.model_sampling, dtype=net.dtype)
         guided = CFGGuider(
             denoiser,
@@ -93,7 +92,7 @@ def sample_with_guider(
             guider.negative,
             guider.cfg,
             model.model_sampling,
-            extra_conds=extra_conds_for(model, x, mask),
+            extra_conds=extra_conds_for(model, x, noise_mask),
         )
         samples = run_sampler(
             sampler.name,
@@ -118,42 +117,6 @@ def _with_samples(latent: Latent, samples: Tensor) -> Latent:
     return out
 
 
-def _common_ksampler(
-    ctx: NodeContext,
-    model: ModelHandle,
-    seed: int,
-    steps: int,
-    cfg: float,
-    sampler_name: str,
-    scheduler: str,
-    positive: Conditioning,
-    negative: Conditioning,
-    latent: Latent,
-    *,
-    denoise: float = 1.0,
-    disable_noise: bool = False,
-    start_step: int | None = None,
-    last_step: int | None = None,
-    force_full_denoise: bool = False,
-) -> tuple[Latent]:
-    """ComfyUI's common_ksampler: schedule from steps/denoise, the step window, noise, sample."""
-    model = _require_model(model)
-    sigmas = ksampler_sigmas(model.model_sampling, scheduler, steps, denoise, sampler_name)
-    sigmas = slice_sigmas(sigmas, start_step, last_step, force_full_denoise)
-    noise_source: NoiseSource = DisabledNoise() if disable_noise else RandomNoiseSource(seed)
-    noise = noise_source.generate(latent)
-    samples, _ = sample_with_guider(
-        ctx,
-        Guider(model, positive, negative, cfg),
-        SamplerChoice(sampler_name),
-        sigmas,
-        noise,
-        latent,
-        seed,
-    )
-    return (_with_samples(latent, samples),)
-
-
 def ksampler(
     ctx: NodeContext,
     model: ModelHandle,
@@ -166,20 +129,28 @@ def ksampler(
     negative: Conditioning,
     latent_image: Latent,
     denoise: float = 1.0,
+    *,
+    disable_noise: bool = False,
+    start_step: int | None = None,
+    last_step: int | None = None,
+    force_full_denoise: bool = False,
 ) -> tuple[Latent]:
-    return _common_ksampler(
+    """KSampler, and ComfyUI's common_ksampler behind KSamplerAdvanced (the keyword-only window):
+    schedule from steps/denoise, the step window, noise, sample."""
+    model = _require_model(model)
+    sigmas = ksampler_sigmas(model.model_sampling, scheduler, steps, denoise, sampler_name)
+    sigmas = slice_sigmas(sigmas, start_step, last_step, force_full_denoise)
+    noise_source: NoiseSource = DisabledNoise() if disable_noise else RandomNoiseSource(seed)
+    samples, _ = sample_with_guider(
         ctx,
-        model,
-        seed,
-        steps,
-        cfg,
-        sampler_name,
-        scheduler,
-        positive,
-        negative,
+        Guider(model, positive, negative, cfg),
+        SamplerChoice(sampler_name),
+        sigmas,
+        noise_source.generate(latent_image),
         latent_image,
-        denoise=denoise,
+        seed,
     )
+    return (_with_samples(latent_image, samples),)
 
 
 def ksampler_advanced(
@@ -199,7 +170,7 @@ def ksampler_advanced(
     return_with_leftover_noise: str,
     denoise: float = 1.0,
 ) -> tuple[Latent]:
-    return _common_ksampler(
+    return ksampler(
         ctx,
         model,
         noise_seed,
